@@ -1,0 +1,153 @@
+"""The public entry points: ``compile``, ``make_pass``, ``list_passes``."""
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from presso.compiled import CompiledModel
+from presso.errors import ConfigError, PressoError, TraceError
+from presso.graph import Graph, _user_frame
+from presso.manager import PassManager
+from presso.numerics import max_abs_error, rel_error
+from presso.pass_api import Context, Pass
+from presso.plugins.registry import get_registry
+from presso.report import Report, count_bytes, count_params
+from presso.signature import Inputs, make_call_spec, normalize_inputs, Traceable
+
+
+def list_passes() -> list[str]:
+    """Names of every registered pass, built-in and from plugins, sorted."""
+    return sorted(get_registry().passes)
+
+
+def make_pass(name: str, **options: Any) -> Pass:
+    """Build the registered pass ``name`` with ``options`` (checked against its config)."""
+    passes = get_registry().passes
+    if name not in passes:
+        raise ConfigError(f"unknown pass {name!r}", hint=f"available passes: {', '.join(sorted(passes)) or 'none'}")
+    return passes[name](**options)
+
+
+def resolve_passes(passes: Iterable[Pass | str]) -> list[Pass]:
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
+    resolved = []
+    for p in passes:
+        if isinstance(p, str):
+            resolved.append(make_pass(p))
+        elif isinstance(p, Pass):
+            resolved.append(p)
+        else:
+            raise ConfigError(f"passes must hold Pass objects or pass names, got {type(p).__name__}",
+                              hint="use presso.make_pass(name, **options) or a name from presso.list_passes()")
+    return resolved
+
+
+def compile(model: nn.Module, passes: Sequence[Pass | str] = (), *, example_inputs: Any,
+            calibration: Iterable[Any] | None = None, backend: str = "torch",
+            verify: bool = True) -> CompiledModel:
+    """Trace ``model``, run ``passes`` on a copy, lower to ``backend``; ``model`` is never changed."""
+    start = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise PressoError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    pass_list = resolve_passes(passes)
+    lower = _backend(backend)
+    inputs = normalize_inputs(example_inputs)
+    calib = None if calibration is None else [normalize_inputs(c, "each calibration item") for c in calibration]
+    graph = _trace(_private_copy(model), inputs)
+    before = (count_params(graph.module), count_bytes(graph.module))
+    ctx = Context(inputs, calib, facts={"calibration"} if calib else set())
+    manager = PassManager(pass_list, verify=verify)
+    graph = manager.run(graph, ctx)
+    run = lower(graph)
+    report = _report(model, graph, manager, backend, before, run, start)
+    return CompiledModel(graph, run, report, backend, _manifest(graph, manager, report))
+
+
+def _backend(name: str):
+    backends = get_registry().backends
+    if name not in backends:
+        raise ConfigError(f"unknown backend {name!r}", hint=f"available backends: {', '.join(sorted(backends))}")
+    return backends[name]
+
+
+def _private_copy(model: nn.Module) -> nn.Module:
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:  # noqa: BLE001
+        raise TraceError(f"could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); presso works "
+                         "on a copy so that your model is never changed",
+                         hint="make the model deep-copyable (no open files or locks as attributes)") from exc
+    return work.eval()
+
+
+def _trace(work: nn.Module, inputs: Inputs) -> Graph:
+    outputs = _run_eager(work, inputs)
+    graph = Graph(work, make_call_spec(work, inputs, outputs), inputs)
+    graph.exported  # trace now, so a model that will not trace fails before any pass runs
+    return graph
+
+
+@torch.no_grad()
+def _run_eager(model: nn.Module, inputs: Inputs) -> Any:
+    from presso.signature import hf_call_options
+    import inspect
+
+    try:
+        return model(*inputs.args, **inputs.kwargs, **hf_call_options(model))
+    except Exception as exc:  # noqa: BLE001
+        sig = inspect.signature(model.forward)
+        where = _user_frame(exc)
+        raise TraceError(
+            f"{type(model).__name__}{sig} failed on the example inputs "
+            f"({', '.join(f'{tuple(t.shape)} {t.dtype}' for t in inputs.tensors)}): "
+            f"{type(exc).__name__}: {str(exc).strip()[:300]}" + (f"\n  at {where}" if where else ""),
+            hint="example_inputs must be what model(...) takes: a tensor, a tuple in forward's order, or a dict",
+        ) from exc
+
+
+def _report(model, graph: Graph, manager: PassManager, backend: str, before, run, start) -> Report:
+    reference = graph.run()
+    original_outputs = Traceable(model, graph.spec)  # caller's model, only read
+    with torch.no_grad():
+        original = original_outputs(*graph.spec.flatten_inputs(graph.example_inputs.args,
+                                                                graph.example_inputs.kwargs))
+    report = Report(model=type(model).__name__, backend=backend,
+                    params_before=before[0], params_after=count_params(graph.module),
+                    bytes_before=before[1], bytes_after=count_bytes(graph.module),
+                    passes=[r.to_dict() for r in manager.records],
+                    rel_error=rel_error(reference, original), max_abs_error=max_abs_error(reference, original))
+    if backend != "torch":
+        report["backend_rel_error"] = rel_error(run(*graph.example_inputs.tensors), reference)
+    report["seconds"] = time.perf_counter() - start
+    return report
+
+
+def _manifest(graph: Graph, manager: PassManager, report: Report) -> dict[str, Any]:
+    registry = get_registry()
+    return {
+        "format": "presso-onnx/1",
+        "model": report["model"],
+        "call_spec": graph.spec.to_dict(),
+        "passes": [{"name": p.name, "config": p.config.to_dict(),
+                    "plugin": registry.sources.get(("pass", p.name), "local")} for p in manager.passes],
+        "plugins": dict(registry.plugins),
+        "versions": {"torch": torch.__version__, **_versions("onnx", "onnxruntime", "transformers")},
+        "report": {k: v for k, v in report.items() if k != "bytes_on_disk"},
+    }
+
+
+def _versions(*names: str) -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            out[n] = "missing"
+    return out

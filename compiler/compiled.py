@@ -1,0 +1,43 @@
+"""``CompiledModel``: the result of :func:`presso.compile`."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+from presso.graph import Graph
+from presso.report import Report
+
+
+class CompiledModel:
+    """Callable like the original model; ``.module`` is the rewritten ``nn.Module``.
+
+    ``export(path)`` writes an ONNX file plus ``manifest.json`` beside it; ``report`` says
+    what the passes cost and saved.
+    """
+
+    def __init__(self, graph: Graph, run: Callable, report: Report, backend: str, manifest: dict[str, Any]):
+        self.graph = graph
+        self._run = run
+        self.report = report
+        self.backend = backend
+        self.manifest = manifest
+
+    @property
+    def module(self):
+        return self.graph.module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        spec = self.graph.spec
+        return spec.unflatten_outputs(list(self._run(*spec.flatten_inputs(args, kwargs))))
+
+    def export(self, path: str | os.PathLike) -> Path:
+        """Write ``path`` (a ``.onnx`` file, or a folder that gets ``model.onnx``) atomically."""
+        from presso.runtime.export import export_artifact
+
+        return export_artifact(self, path)
+
+    def __repr__(self) -> str:
+        r = self.report
+        return (f"CompiledModel({r.get('model')}, backend={self.backend!r}, passes="
+                f"{[p['name'] for p in r.get('passes', [])]}, bytes {r['bytes_before']:,} -> {r['bytes_after']:,})")

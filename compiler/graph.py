@@ -1,0 +1,155 @@
+"""Tracing with ``torch.export`` and the ``Graph`` that passes read and rewrite.
+
+``Graph`` holds the working copy of the model (``module``) and its traced FX graph
+(``exported``), re-traced lazily after a pass changes the module. Every call node carries
+``node.meta["presso"]``: the module path that issued it, that module's type, the output
+shape and dtype, and the parameters it reads.
+"""
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from presso.errors import TraceError
+from presso.signature import CallSpec, Inputs, Traceable
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__))
+_WRAPPER_PREFIX = "model."
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    module_path: str
+    module_type: str
+    shape: tuple[int, ...] | None
+    dtype: torch.dtype | None
+    params: tuple[str, ...]
+
+
+class Graph:
+    """A model under compilation: the eager working copy plus its traced graph."""
+
+    def __init__(self, module: nn.Module, spec: CallSpec, example_inputs: Inputs, dynamic: bool = True):
+        self.module = module
+        self.spec = spec
+        self.example_inputs = example_inputs
+        self.dynamic = dynamic
+        self._exported: torch.export.ExportedProgram | None = None
+
+    # --- the traced view -------------------------------------------------
+    @property
+    def exported(self) -> torch.export.ExportedProgram:
+        if self._exported is None:
+            self._exported, self.dynamic = export_program(self.traceable(), self.example_inputs, self.dynamic)
+            annotate(self._exported)
+        return self._exported
+
+    def invalidate(self) -> None:
+        """Call after changing ``module``: the next read of ``exported`` traces again."""
+        self._exported = None
+
+    def nodes(self, *targets: Any) -> Iterator[tuple[torch.fx.Node, NodeInfo]]:
+        """Call nodes (optionally only those whose target is in ``targets``) with their info."""
+        for node in self.exported.graph.nodes:
+            if node.op == "call_function" and (not targets or node.target in targets):
+                yield node, node.meta["presso"]
+
+    def called_modules(self) -> dict[str, nn.Module]:
+        """Submodules that issue ops in the trace, by path, in call order."""
+        seen: dict[str, nn.Module] = {}
+        for _, info in self.nodes():
+            if info.module_path and info.module_path not in seen:
+                seen[info.module_path] = self.module.get_submodule(info.module_path)
+        return seen
+
+    # --- the eager view --------------------------------------------------
+    def traceable(self) -> Traceable:
+        return Traceable(self.module, self.spec)
+
+    @torch.no_grad()
+    def run(self, inputs: Inputs | None = None) -> tuple[torch.Tensor, ...]:
+        inputs = inputs or self.example_inputs
+        return self.traceable()(*self.spec.flatten_inputs(inputs.args, inputs.kwargs))
+
+
+def export_program(traceable: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, bool]:
+    """``torch.export`` with every input dimension dynamic where possible, else static."""
+    tensors = inputs.tensors
+    if dynamic:
+        auto = torch.export.Dim.AUTO
+        shapes = tuple({i: auto for i in range(t.dim())} for t in tensors)
+        try:
+            return torch.export.export(traceable, tensors, dynamic_shapes=(shapes,), strict=False), True
+        except Exception:  # noqa: BLE001 - some models only trace with static shapes
+            pass
+    try:
+        return torch.export.export(traceable, tensors, strict=False), False
+    except Exception as exc:  # noqa: BLE001 - re-raised with a readable message
+        raise trace_error(traceable.model, exc) from exc
+
+
+def annotate(ep: torch.export.ExportedProgram) -> None:
+    """Attach a :class:`NodeInfo` to every call node."""
+    param_of = dict(ep.graph_signature.inputs_to_parameters)
+    param_of.update(ep.graph_signature.inputs_to_buffers)
+    for node in ep.graph.nodes:
+        if node.op != "call_function":
+            continue
+        stack = {k: v for k, v in (node.meta.get("nn_module_stack") or {}).items() if not k.startswith("_empty")}
+        path, mtype = "", ""
+        if stack:
+            path, cls = list(stack.values())[-1]
+            path = _clean_path(path)
+            mtype = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+            mtype = mtype.rsplit(".", 1)[-1]
+        val = node.meta.get("val")
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+        dtype = val.dtype if isinstance(val, torch.Tensor) else None
+        params = tuple(_strip(param_of[a.name]) for a in node.all_input_nodes if a.name in param_of)
+        node.meta["presso"] = NodeInfo(path, mtype, shape, dtype, params)
+
+
+def _clean_path(path: str) -> str:
+    # nn_module_stack paths look like "L['self'].model.layers[0]" or "model.layers.0"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    path = path.replace("[", ".").replace("]", "").replace("'", "")
+    if path.startswith("_modules."):
+        path = path.replace("_modules.", "")
+    return _strip(path)
+
+
+def _strip(name: str) -> str:
+    return name[len(_WRAPPER_PREFIX):] if name.startswith(_WRAPPER_PREFIX) else ("" if name == "model" else name)
+
+
+def trace_error(model: nn.Module, exc: BaseException) -> TraceError:
+    """Name the model class, the failing line (outside torch) and what to try."""
+    where = _user_frame(exc)
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    msg = f"could not trace {type(model).__name__} with torch.export: {type(exc).__name__}: {first}"
+    if where:
+        msg += f"\n  at {where}"
+    hint = ("make control flow independent of tensor values (or use torch.cond), avoid .item()/.tolist() "
+            "and Python side effects in forward, or wrap the model in a module whose forward is traceable")
+    return TraceError(msg, hint=hint)
+
+
+def _user_frame(exc: BaseException) -> str:
+    frames = []
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        frames = traceback.extract_tb(exc.__traceback__) + frames
+        exc = exc.__cause__ or exc.__context__
+    for fr in reversed(frames):
+        if not fr.filename.startswith((_TORCH_DIR, _OWN_DIR)):
+            line = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
+            return f"{fr.filename}:{fr.lineno} in {fr.name}: {line}"
+    return ""

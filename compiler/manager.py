@@ -1,0 +1,117 @@
+"""The pass manager: order passes by their facts, run them, time them, check them.
+
+After every pass it runs the model on the example inputs, refuses NaN/Inf, and checks the
+drift from the previous step against the pass's stated ``max_rel_error``. Any failure is
+a :class:`PassError` naming the pass and every pass before it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from presso.errors import PassError, PressoError
+from presso.numerics import max_abs_error, non_finite, rel_error
+from presso.pass_api import Context, Pass
+
+EXACT = 1e-4  # relative tolerance of a pass that states none: float rounding only
+
+
+@dataclass
+class PassRecord:
+    name: str
+    config: dict[str, Any]
+    seconds: float
+    modified: bool
+    stats: dict[str, Any]
+    rel_error_step: float
+    rel_error_total: float
+    max_abs_error_total: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def order_passes(passes: Sequence[Pass], facts: set[str]) -> list[Pass]:
+    """Keep the caller's order, except that a provider moves before the passes needing it."""
+    remaining = list(passes)
+    ordered: list[Pass] = []
+    known = set(facts)
+    while remaining:
+        ready = next((p for p in remaining if p.requires <= known), None)
+        if ready is None:
+            ready = _provider_of_missing(remaining, known) or remaining[0]
+        if not ready.requires <= known:
+            _raise_missing(ready, known, ordered)
+        remaining.remove(ready)
+        ordered.append(ready)
+        known = (known | ready.provides) - ready.invalidates
+    return ordered
+
+
+def _provider_of_missing(remaining: list[Pass], known: set[str]) -> Pass | None:
+    missing = remaining[0].requires - known
+    return next((p for p in remaining if p.provides & missing and p.requires <= known), None)
+
+
+def _raise_missing(p: Pass, known: set[str], before: list[Pass]) -> None:
+    missing = sorted(p.requires - known)
+    hint = ("pass calibration=[...] (example inputs) to presso.compile" if "calibration" in missing
+            else f"add a pass that provides {', '.join(missing)} before it")
+    raise PassError(
+        f"pass {p.name!r} requires {', '.join(missing)}, which nothing before it provides"
+        f" (passes before it: {_names(before)})", hint=hint)
+
+
+def _names(passes: Sequence[Pass]) -> str:
+    return ", ".join(p.name for p in passes) or "none"
+
+
+@dataclass
+class PassManager:
+    passes: list[Pass]
+    verify: bool = True
+    records: list[PassRecord] = field(default_factory=list)
+
+    def run(self, graph: Any, ctx: Context) -> Any:
+        self.passes = order_passes(self.passes, ctx.facts)
+        original = prev = graph.run()
+        for i, p in enumerate(self.passes):
+            graph, outs, record = self._run_one(p, graph, ctx, prev, original, self.passes[:i])
+            self.records.append(record)
+            prev = outs
+        return graph
+
+    def _run_one(self, p: Pass, graph: Any, ctx: Context, prev, original, before: list[Pass]):
+        start = time.perf_counter()
+        try:
+            result = p.run(graph, ctx)
+        except PressoError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the pass
+            raise PassError(f"pass {p.name!r} failed with {type(exc).__name__}: {exc} "
+                            f"(passes before it: {_names(before)})",
+                            hint="check the pass options; run with fewer passes to isolate it") from exc
+        seconds = time.perf_counter() - start
+        graph = result.graph
+        if result.modified:
+            graph.invalidate()
+        ctx.facts = (ctx.facts | p.provides) - p.invalidates
+        outs = graph.run()
+        self._check(p, outs, prev, before)
+        record = PassRecord(p.name, p.config.to_dict(), seconds, result.modified, result.stats,
+                            rel_error(outs, prev), rel_error(outs, original), max_abs_error(outs, original))
+        return graph, outs, record
+
+    def _check(self, p: Pass, outs, prev, before: list[Pass]) -> None:
+        bad = non_finite(outs)
+        if bad:
+            raise PassError(f"pass {p.name!r} produced NaN/Inf in output(s) {bad} "
+                            f"(passes before it: {_names(before)})",
+                            hint="the pass options may be too aggressive for this model")
+        tol = EXACT if p.max_rel_error is None else p.max_rel_error
+        err = rel_error(outs, prev)
+        if self.verify and err > tol:
+            raise PassError(f"pass {p.name!r} changed the outputs by relative error {err:.3g}, above its "
+                            f"tolerance {tol:.3g} (passes before it: {_names(before)})",
+                            hint="use gentler options or skip sensitive modules; verify=False accepts it")

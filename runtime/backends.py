@@ -1,0 +1,36 @@
+"""Built-in backends: ``lower(graph) -> run(*tensors) -> tuple[Tensor, ...]``."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from presso.graph import Graph
+from presso.plugins.registry import get_registry
+from presso.runtime.onnx_export import write_onnx
+from presso.runtime.ort_model import OrtModel
+
+Runner = Callable[..., tuple[torch.Tensor, ...]]
+
+
+def lower_torch(graph: Graph) -> Runner:
+    """Eager PyTorch on the rewritten module (presso ops run their torch reference)."""
+    traceable = graph.traceable()
+
+    @torch.no_grad()
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return traceable(*tensors)
+
+    return run
+
+
+def lower_onnxruntime(graph: Graph) -> Runner:
+    """Export to a private temporary ONNX file and run it in an ONNX Runtime session."""
+    workdir = tempfile.TemporaryDirectory(prefix="presso-ort-")
+    path = Path(workdir.name) / "model.onnx"
+    write_onnx(graph, path, get_registry().onnx_lowerings)
+    model = OrtModel(path, graph.spec)
+    model.workdir = workdir  # lives as long as the session that may read external data from it
+    return model.run_flat

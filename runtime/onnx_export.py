@@ -1,0 +1,55 @@
+"""Lower a compiled :class:`presso.Graph` to an ONNX file with ``torch.onnx`` (dynamo).
+
+Custom ops inserted by passes are translated with the ONNX lowerings in the registry.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import onnx
+import torch
+
+from presso.errors import ExportError
+from presso.graph import Graph
+
+EXTERNAL_DATA_BYTES = 1 << 30  # beyond this, weights go to a side file (protobuf caps at 2 GiB)
+
+
+def output_names(graph: Graph) -> list[str]:
+    spec = graph.spec
+    if spec.output_kind == "mapping":
+        return list(spec.output_keys)
+    n = len(graph.run())
+    return ["output"] if spec.output_kind == "tensor" else [f"output_{i}" for i in range(n)]
+
+
+@contextlib.contextmanager
+def _quiet():
+    # the exporter logs a line per missing optional op library (torchvision); not the user's concern
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def write_onnx(graph: Graph, path: Path, lowerings: dict) -> None:
+    """Write ``graph`` to ``path`` (and ``path.data`` when large); checked by ``onnx.checker``."""
+    try:
+        with _quiet():
+            program = torch.onnx.export(
+                graph.exported, dynamo=True, verbose=False, custom_translation_table=dict(lowerings),
+                input_names=list(graph.spec.input_names), output_names=output_names(graph))
+        for node in program.model.graph.all_nodes():
+            node.metadata_props.clear()  # per-node source traces; they would dwarf small models
+        weight_bytes = sum(t.numel() * t.element_size() for t in graph.exported.state_dict.values())
+        program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        onnx.checker.check_model(str(path))
+    except Exception as exc:  # noqa: BLE001 - one readable error for every exporter failure
+        raise ExportError(f"ONNX export of {type(graph.module).__name__} failed: {type(exc).__name__}: "
+                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+                          hint="an op without an ONNX lowering needs presso_register_onnx_lowerings") from exc
