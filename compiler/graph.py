@@ -7,7 +7,9 @@ shape and dtype, and the parameters it reads.
 """
 from __future__ import annotations
 
+import contextlib
 import linecache
+import logging
 import os
 import traceback
 from dataclasses import dataclass
@@ -80,19 +82,43 @@ class Graph:
 
 
 def export_program(traceable: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, bool]:
-    """``torch.export`` with every input dimension dynamic where possible, else static."""
+    """``torch.export`` with every input dimension dynamic where possible, else static.
+
+    torch.export fixes dimensions of size 1, so a batch of one is traced as a batch of two
+    (the example repeated) to keep the batch dimension dynamic.
+    """
     tensors = inputs.tensors
-    if dynamic:
-        auto = torch.export.Dim.AUTO
-        shapes = tuple({i: auto for i in range(t.dim())} for t in tensors)
+    with _quiet_export_logs():
+        if dynamic:
+            auto = torch.export.Dim.AUTO
+            for candidate in (_batch_of_two(tensors), tensors):
+                try:
+                    shapes = tuple({i: auto for i in range(t.dim())} for t in candidate)
+                    return torch.export.export(traceable, candidate, dynamic_shapes=(shapes,), strict=False), True
+                except Exception:  # noqa: BLE001 - some models only trace with static shapes
+                    continue
         try:
-            return torch.export.export(traceable, tensors, dynamic_shapes=(shapes,), strict=False), True
-        except Exception:  # noqa: BLE001 - some models only trace with static shapes
-            pass
+            return torch.export.export(traceable, tensors, strict=False), False
+        except Exception as exc:  # noqa: BLE001 - re-raised with a readable message
+            raise trace_error(traceable.model, exc) from exc
+
+
+def _batch_of_two(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.cat([t, t]) if t.dim() and t.shape[0] == 1 else t for t in tensors)
+
+
+@contextlib.contextmanager
+def _quiet_export_logs():
+    # torch.export logs each specialised dimension at WARNING; the user cannot act on them
+    loggers = [logging.getLogger(n) for n in ("torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        return torch.export.export(traceable, tensors, strict=False), False
-    except Exception as exc:  # noqa: BLE001 - re-raised with a readable message
-        raise trace_error(traceable.model, exc) from exc
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def annotate(ep: torch.export.ExportedProgram) -> None:

@@ -37,29 +37,31 @@ def order_passes(passes: Sequence[Pass], facts: set[str]) -> list[Pass]:
     remaining = list(passes)
     ordered: list[Pass] = []
     known = set(facts)
+    lost_by: dict[str, str] = {}
     while remaining:
-        ready = next((p for p in remaining if p.requires <= known), None)
-        if ready is None:
-            ready = _provider_of_missing(remaining, known) or remaining[0]
+        ready = remaining[0]
         if not ready.requires <= known:
-            _raise_missing(ready, known, ordered)
+            ready = _provider_of(ready.requires - known, remaining, known) or ready
+        if not ready.requires <= known:
+            _raise_missing(ready, known, ordered, lost_by)
         remaining.remove(ready)
         ordered.append(ready)
         known = (known | ready.provides) - ready.invalidates
+        lost_by.update({fact: ready.name for fact in ready.invalidates})
     return ordered
 
 
-def _provider_of_missing(remaining: list[Pass], known: set[str]) -> Pass | None:
-    missing = remaining[0].requires - known
+def _provider_of(missing: set[str], remaining: list[Pass], known: set[str]) -> Pass | None:
     return next((p for p in remaining if p.provides & missing and p.requires <= known), None)
 
 
-def _raise_missing(p: Pass, known: set[str], before: list[Pass]) -> None:
+def _raise_missing(p: Pass, known: set[str], before: list[Pass], lost_by: dict[str, str]) -> None:
     missing = sorted(p.requires - known)
     hint = ("pass calibration=[...] (example inputs) to presso.compile" if "calibration" in missing
             else f"add a pass that provides {', '.join(missing)} before it")
+    lost = "".join(f"; {f} was invalidated by {lost_by[f]!r}" for f in missing if f in lost_by)
     raise PassError(
-        f"pass {p.name!r} requires {', '.join(missing)}, which nothing before it provides"
+        f"pass {p.name!r} requires {', '.join(missing)}, which nothing before it provides{lost}"
         f" (passes before it: {_names(before)})", hint=hint)
 
 
@@ -97,7 +99,12 @@ class PassManager:
         if result.modified:
             graph.invalidate()
         ctx.facts = (ctx.facts | p.provides) - p.invalidates
-        outs = graph.run()
+        try:
+            outs = graph.run()
+        except Exception as exc:  # noqa: BLE001 - the pass left a model that does not run
+            raise PassError(f"the model no longer runs after pass {p.name!r}: {type(exc).__name__}: {exc} "
+                            f"(passes before it: {_names(before)})",
+                            hint="the pass rewrote the model inconsistently; report it to its author") from exc
         self._check(p, outs, prev, before)
         record = PassRecord(p.name, p.config.to_dict(), seconds, result.modified, result.stats,
                             rel_error(outs, prev), rel_error(outs, original), max_abs_error(outs, original))

@@ -1,0 +1,1 @@
+"""Example presso plugin: the ``fold_batchnorm`` pass."""

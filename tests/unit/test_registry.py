@@ -1,0 +1,82 @@
+import textwrap
+import types
+
+import pytest
+
+import presso
+from presso import Pass, PassResult, PluginError
+from presso.plugins import hookimpl
+
+
+class Twin(Pass):
+    name = "quantize_dynamic_int8"
+
+    def run(self, graph, ctx):
+        return PassResult(graph, False)
+
+
+def plugin_with(*passes):
+    @hookimpl
+    def presso_register_passes(registrar):
+        for p in passes:
+            registrar.add_pass(p)
+
+    return types.SimpleNamespace(presso_register_passes=presso_register_passes)
+
+
+def test_builtins_come_through_the_hook(fresh_registry):
+    registry = fresh_registry()
+    assert registry.source_of("pass", "quantize_dynamic_int8") == "presso (built-in)"
+    assert {"torch", "onnxruntime"} <= set(registry.backends)
+
+
+def test_duplicate_pass_name_names_both_sources(fresh_registry):
+    with pytest.raises(PluginError, match="registered twice: by 'presso \\(built-in\\)' and by 'acme'"):
+        fresh_registry({"acme": plugin_with(Twin)})
+
+
+def test_local_plugin_pass_is_listed_and_usable(fresh_registry):
+    class Noop(Pass):
+        name = "noop_local"
+
+        def run(self, graph, ctx):
+            return PassResult(graph, False)
+
+    fresh_registry({"local": plugin_with(Noop)})
+    assert "noop_local" in presso.list_passes()
+    assert isinstance(presso.make_pass("noop_local"), Noop)
+
+
+def test_hook_that_raises_is_reported_and_skipped(fresh_registry):
+    @hookimpl
+    def presso_register_passes(registrar):
+        raise RuntimeError("cannot register")
+
+    with pytest.warns(RuntimeWarning, match="'broken' was skipped: presso_register_passes raised RuntimeError"):
+        registry = fresh_registry({"broken": types.SimpleNamespace(presso_register_passes=presso_register_passes)})
+    assert [f.plugin for f in registry.failures] == ["broken"]
+    assert "quantize_dynamic_int8" in registry.passes
+
+
+def test_pass_without_name_is_refused(fresh_registry):
+    class Nameless(Pass):
+        def run(self, graph, ctx):
+            return PassResult(graph, False)
+
+    with pytest.raises(PluginError, match="without a snake_case `name`"):
+        fresh_registry({"bad": plugin_with(Nameless)})
+
+
+def test_entry_point_that_fails_to_import_is_reported(fresh_registry, tmp_path, monkeypatch):
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[presso]\nbroken = broken_plugin_mod\n")
+    (tmp_path / "broken_plugin_mod.py").write_text(textwrap.dedent("""
+        raise ImportError("this plugin needs libfoo")
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.warns(RuntimeWarning, match="broken-plugin:broken' was skipped: import of 'broken_plugin_mod'"):
+        registry = fresh_registry()
+    assert registry.failures and "libfoo" in registry.failures[0].error
+    assert "quantize_dynamic_int8" in registry.passes
