@@ -1,0 +1,26 @@
+# Two commands: `make demo` and `make test`. Both create .venv and install everything first.
+PYTHON ?= python3
+# CPU machines: the CPU build of torch. A GPU user: make demo TORCH=torch (PyPI's default CUDA build).
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.presso-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet -e ".[test]" "$(TORCH)"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/presso demo --out out/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
