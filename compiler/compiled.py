@@ -31,11 +31,15 @@ class CompiledModel:
         spec = self.graph.spec
         return spec.unflatten_outputs(list(self._run(*spec.flatten_inputs(args, kwargs))))
 
-    def export(self, path: str | os.PathLike) -> Path:
-        """Write ``path`` (a ``.onnx`` file, or a folder that gets ``model.onnx``) atomically."""
+    def export(self, path: str | os.PathLike, *, tokenizer: Any = None, kv_cache: bool = True) -> Path:
+        """Write ``path`` (a ``.onnx`` file, or a folder that gets ``model.onnx``) atomically.
+
+        Beside it: ``manifest.json``, ``report.md`` and, if given, the tokenizer's files.
+        Causal LMs get KV-cache inputs/outputs unless ``kv_cache=False``.
+        """
         from presso.runtime.export import export_artifact
 
-        return export_artifact(self, path)
+        return export_artifact(self, path, tokenizer=tokenizer, kv_cache=kv_cache)
 
     def __repr__(self) -> str:
         r = self.report

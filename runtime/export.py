@@ -1,21 +1,37 @@
-"""``CompiledModel.export``: ONNX file (+ external data) and ``manifest.json``, written atomically."""
+"""``CompiledModel.export``: ONNX file (+ external data), ``manifest.json`` and ``report.md``, atomically.
+
+Causal LMs are exported with KV-cache inputs and outputs (see ``presso.runtime.decoder``).
+"""
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from presso.plugins.registry import get_registry
 from presso.runtime.artifact import MANIFEST, model_path, staged, write_json
-from presso.runtime.onnx_export import write_onnx
+from presso.runtime.decoder import is_causal_lm, trace_decoder
+from presso.runtime.onnx_export import write_onnx, write_program
 
 
-def export_artifact(compiled, path: str | os.PathLike) -> Path:
+def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv_cache: bool = True) -> Path:
     """Returns the path of the written ONNX file."""
     target = model_path(path)
+    graph = compiled.graph
+    lowerings = get_registry().onnx_lowerings
+    extra: dict[str, Any] = {}
     with staged(target.parent) as stage:
-        write_onnx(compiled.graph, stage / target.name, get_registry().onnx_lowerings)
-        size = sum(f.stat().st_size for f in stage.iterdir())
-        manifest = dict(compiled.manifest, model_file=target.name, bytes_on_disk=size)
-        write_json(stage / MANIFEST, manifest)
-    compiled.report["bytes_on_disk"] = size
+        if kv_cache and graph.spec.hf and is_causal_lm(graph.module):
+            program, layout = trace_decoder(graph.module)
+            write_program(program, layout.input_names, ["logits"] + layout.present_names, stage / target.name,
+                          lowerings, model_name=type(graph.module).__name__)
+            extra["decoder"] = layout.to_dict()
+        else:
+            write_onnx(graph, stage / target.name, lowerings)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(stage))
+        size = sum(f.stat().st_size for f in stage.iterdir() if f.name.startswith(target.name))
+        compiled.report["bytes_on_disk"] = size
+        (stage / "report.md").write_text(compiled.report.to_markdown())
+        write_json(stage / MANIFEST, dict(compiled.manifest, model_file=target.name, bytes_on_disk=size, **extra))
     return target

@@ -38,18 +38,25 @@ def _quiet():
 
 
 def write_onnx(graph: Graph, path: Path, lowerings: dict) -> None:
-    """Write ``graph`` to ``path`` (and ``path.data`` when large); checked by ``onnx.checker``."""
+    """Write ``graph`` (plain call signature) to ``path``; checked by ``onnx.checker``."""
+    write_program(graph.exported, list(graph.spec.input_names), output_names(graph), path, lowerings,
+                  model_name=type(graph.module).__name__)
+
+
+def write_program(program: torch.export.ExportedProgram, input_names: list[str], outputs: list[str],
+                  path: Path, lowerings: dict, model_name: str) -> None:
+    """ONNX-export a traced program to ``path`` (and ``path.data`` when large)."""
     try:
         with _quiet():
-            program = torch.onnx.export(
-                graph.exported, dynamo=True, verbose=False, custom_translation_table=dict(lowerings),
-                input_names=list(graph.spec.input_names), output_names=output_names(graph))
-        for node in program.model.graph.all_nodes():
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False,
+                                             custom_translation_table=dict(lowerings),
+                                             input_names=input_names, output_names=outputs)
+        for node in onnx_program.model.graph.all_nodes():
             node.metadata_props.clear()  # per-node source traces; they would dwarf small models
-        weight_bytes = sum(t.numel() * t.element_size() for t in graph.exported.state_dict.values())
-        program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
+        onnx_program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - one readable error for every exporter failure
-        raise ExportError(f"ONNX export of {type(graph.module).__name__} failed: {type(exc).__name__}: "
-                          f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise ExportError(f"ONNX export of {model_name} failed: {type(exc).__name__}: {first}",
                           hint="an op without an ONNX lowering needs presso_register_onnx_lowerings") from exc

@@ -29,11 +29,7 @@ class OrtModel:
         self.path = Path(path)
         self.spec = spec
         self.manifest = manifest or {}
-        try:
-            self.session = ort.InferenceSession(str(self.path), providers=providers or default_providers())
-        except Exception as exc:  # noqa: BLE001 - corrupt or foreign files
-            raise ExportError(f"ONNX Runtime cannot load {self.path}: {str(exc).strip()[:300]}",
-                              hint="export the model again; the file may be truncated or corrupt") from exc
+        self.session = session(self.path, providers)
         self._input_names = [i.name for i in self.session.get_inputs()]
 
     def run_flat(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -44,16 +40,36 @@ class OrtModel:
         return self.spec.unflatten_outputs(list(self.run_flat(*self.spec.flatten_inputs(args, kwargs))))
 
 
+def session(path: Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
+    """An InferenceSession, or an ExportError that says the file is unusable."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), options, providers=providers or default_providers())
+    except Exception as exc:  # noqa: BLE001 - corrupt or foreign files
+        raise ExportError(f"ONNX Runtime cannot load {path}: {str(exc).strip()[:300]}",
+                          hint="export the model again; the file may be truncated or corrupt") from exc
+
+
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().contiguous().numpy()
 
 
-def load(path: str | os.PathLike, providers: list[str] | None = None) -> OrtModel:
-    """Load an exported model (``DIR`` or ``DIR/model.onnx``) into ONNX Runtime."""
+def load(path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None) -> Any:
+    """Load an exported model (``DIR`` or ``DIR/model.onnx``) into ONNX Runtime.
+
+    Causal LMs exported with a KV cache come back as :class:`~presso.runtime.decoder.OrtDecoder`
+    (``model(ids).logits`` and ``generate``); other models as :class:`OrtModel`.
+    """
+    from presso.runtime.decoder import CacheLayout, OrtDecoder
+
     file = model_path(path)
     if not file.exists():
         raise ExportError(f"no ONNX model at {file}", hint="pass the folder or .onnx file that export() wrote")
     manifest = read_manifest(file)
+    if manifest and manifest.get("decoder"):
+        return OrtDecoder(session(file, providers, threads), CacheLayout(**manifest["decoder"]), manifest, file)
     spec = CallSpec(**manifest["call_spec"]) if manifest else _spec_from_onnx(file)
     return OrtModel(file, spec, providers, manifest)
 
