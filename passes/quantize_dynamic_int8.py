@@ -1,12 +1,14 @@
 """``quantize_dynamic_int8``: int8 weights per output channel, activations quantized at run time.
 
 Policy: every linear layer the traced graph calls, minus ``skip`` patterns.
-Mechanism: swap each for :class:`presso.runtime.int8.DynamicInt8Linear`, whose ONNX
-lowering is ``DynamicQuantizeLinear -> MatMulInteger`` (an integer matmul in ONNX Runtime).
+Mechanism: swap each for :class:`presso.runtime.int8.DynamicInt8Linear`, lowered to ONNX
+``MatMulInteger`` (an integer matmul in ONNX Runtime). Activations default to one scale per
+token: LLM activations carry outlier tokens that a single per-tensor scale cannot absorb.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from torch import nn
 
@@ -19,6 +21,7 @@ from presso.runtime.int8 import DynamicInt8Linear
 @dataclass(frozen=True, kw_only=True)
 class DynamicInt8Config(PassConfig):
     skip: tuple[str, ...] = ()  # glob patterns on module paths, e.g. ("lm_head", "*.0.*")
+    activations: Literal["per_token", "per_tensor"] = "per_token"
 
 
 def select_linears(graph: Graph, skip: tuple[str, ...]) -> tuple[dict[str, nn.Module], list[str]]:
@@ -46,7 +49,7 @@ class QuantizeDynamicInt8(Pass):
         bytes_before = bytes_after = 0
         for path, module in chosen.items():
             weight, bias = linear_weight(module)
-            new = DynamicInt8Linear.from_weight(weight, bias)
+            new = DynamicInt8Linear.from_weight(weight, bias, per_token=self.config.activations == "per_token")
             graph.module.set_submodule(path, new)
             bytes_before += weight.numel() * weight.element_size()
             bytes_after += new.weight_t.numel() + new.weight_scale.numel() * 4

@@ -23,6 +23,8 @@ def presso_register_backends(registrar) -> None:
 
 @hookimpl
 def presso_register_onnx_lowerings(registrar) -> None:
-    from presso.runtime.int8 import dynamic_int8_linear_onnx
+    from presso.runtime import int8
 
-    registrar.add_onnx_lowering(torch.ops.presso.dynamic_int8_linear.default, dynamic_int8_linear_onnx)
+    registrar.add_onnx_lowering(torch.ops.presso.dynamic_int8_linear.default, int8.dynamic_int8_linear_onnx)
+    registrar.add_onnx_lowering(torch.ops.presso.dynamic_int8_linear_per_token.default,
+                                int8.dynamic_int8_linear_per_token_onnx)

@@ -37,6 +37,17 @@ def _quiet():
         logger.setLevel(level)
 
 
+def tidy(model) -> None:
+    """Cheap clean-ups; ONNX Runtime does the heavy graph optimisation when it loads the file.
+
+    (The exporter's own optimizer takes minutes on a 30-layer LLM for little gain.)
+    """
+    import onnx_ir.passes.common as common
+
+    common.CommonSubexpressionEliminationPass()(model)
+    common.RemoveUnusedNodesPass()(model)
+
+
 def write_onnx(graph: Graph, path: Path, lowerings: dict) -> None:
     """Write ``graph`` (plain call signature) to ``path``; checked by ``onnx.checker``."""
     write_program(graph.exported, list(graph.spec.input_names), output_names(graph), path, lowerings,
@@ -48,9 +59,10 @@ def write_program(program: torch.export.ExportedProgram, input_names: list[str],
     """ONNX-export a traced program to ``path`` (and ``path.data`` when large)."""
     try:
         with _quiet():
-            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False,
+            onnx_program = torch.onnx.export(program, dynamo=True, verbose=False, optimize=False,
                                              custom_translation_table=dict(lowerings),
                                              input_names=input_names, output_names=outputs)
+        tidy(onnx_program.model)
         for node in onnx_program.model.graph.all_nodes():
             node.metadata_props.clear()  # per-node source traces; they would dwarf small models
         weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
