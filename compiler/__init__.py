@@ -10,6 +10,7 @@ from presso.errors import ConfigError, ExportError, PassError, PluginError, Pres
 from presso.graph import Graph, NodeInfo
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.report import Report
+from presso import runtime  # noqa: E402 - presso.runtime.load after the core is importable
 
 __version__ = "0.1.0"
 

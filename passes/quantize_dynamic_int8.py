@@ -37,6 +37,13 @@ def select_linears(graph: Graph, skip: tuple[str, ...]) -> tuple[dict[str, nn.Mo
     return chosen, skipped
 
 
+def tied_to_others(root: nn.Module, chosen: dict[str, nn.Module]) -> list[str]:
+    """Paths of chosen linears whose weight is also used by a module outside the chosen set."""
+    chosen_ids = {id(m) for m in chosen.values()}
+    elsewhere = {p.data_ptr() for m in root.modules() if id(m) not in chosen_ids for p in m.parameters(recurse=False)}
+    return [path for path, m in chosen.items() if m.weight.data_ptr() in elsewhere]
+
+
 class QuantizeDynamicInt8(Pass):
     name = "quantize_dynamic_int8"
     Config = DynamicInt8Config
@@ -46,6 +53,7 @@ class QuantizeDynamicInt8(Pass):
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         chosen, skipped = select_linears(graph, self.config.skip)
+        untied = tied_to_others(graph.module, chosen)
         bytes_before = bytes_after = 0
         for path, module in chosen.items():
             weight, bias = linear_weight(module)
@@ -53,6 +61,7 @@ class QuantizeDynamicInt8(Pass):
             graph.module.set_submodule(path, new)
             bytes_before += weight.numel() * weight.element_size()
             bytes_after += new.weight_t.numel() + new.weight_scale.numel() * 4
-        stats = {"quantized": len(chosen), "skipped": skipped,
+        # a weight tied to an embedding gets its own int8 copy; the float table stays for lookups
+        stats = {"quantized": len(chosen), "skipped": skipped, "untied": untied,
                  "weight_bytes_before": bytes_before, "weight_bytes_after": bytes_after}
         return PassResult(graph, modified=bool(chosen), stats=stats)

@@ -34,6 +34,17 @@ def _hf(name: str) -> nn.Module:
     raise KeyError(name)
 
 
+def small_llama() -> nn.Module:
+    """A 4-layer Llama with grouped-query attention (random weights, ~4M parameters)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=2048, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256,
+                            bos_token_id=1, eos_token_id=2)
+    return tf.LlamaForCausalLM(config).eval()
+
+
 class BasicBlock(nn.Module):
     """ResNet residual block with BatchNorm."""
 
