@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 from typing import Any, Iterable, Sequence
 
@@ -10,13 +11,13 @@ from torch import nn
 
 from presso.compiled import CompiledModel
 from presso.errors import ConfigError, PressoError, TraceError
-from presso.graph import Graph, _user_frame
+from presso.graph import Graph, user_frame
 from presso.manager import PassManager
 from presso.numerics import max_abs_error, rel_error
 from presso.pass_api import Context, Pass
 from presso.plugins.registry import get_registry
 from presso.report import Report, count_bytes, count_params
-from presso.signature import Inputs, make_call_spec, normalize_inputs, Traceable
+from presso.signature import Inputs, hf_call_options, make_call_spec, normalize_inputs
 
 
 def list_passes() -> list[str]:
@@ -94,14 +95,11 @@ def _trace(work: nn.Module, inputs: Inputs) -> Graph:
 
 @torch.no_grad()
 def _run_eager(model: nn.Module, inputs: Inputs) -> Any:
-    from presso.signature import hf_call_options
-    import inspect
-
     try:
         return model(*inputs.args, **inputs.kwargs, **hf_call_options(model))
     except Exception as exc:  # noqa: BLE001
         sig = inspect.signature(model.forward)
-        where = _user_frame(exc)
+        where = user_frame(exc)
         raise TraceError(
             f"{type(model).__name__}{sig} failed on the example inputs "
             f"({', '.join(f'{tuple(t.shape)} {t.dtype}' for t in inputs.tensors)}): "
@@ -111,18 +109,14 @@ def _run_eager(model: nn.Module, inputs: Inputs) -> Any:
 
 
 def _report(model, graph: Graph, manager: PassManager, backend: str, before, run, start) -> Report:
-    reference = graph.run()
-    original_outputs = Traceable(model, graph.spec)  # caller's model, only read
-    with torch.no_grad():
-        original = original_outputs(*graph.spec.flatten_inputs(graph.example_inputs.args,
-                                                                graph.example_inputs.kwargs))
+    final, original = graph.run(), manager.original_outputs
     report = Report(model=type(model).__name__, backend=backend,
                     params_before=before[0], params_after=count_params(graph.module),
                     bytes_before=before[1], bytes_after=count_bytes(graph.module),
                     passes=[r.to_dict() for r in manager.records],
-                    rel_error=rel_error(reference, original), max_abs_error=max_abs_error(reference, original))
+                    rel_error=rel_error(final, original), max_abs_error=max_abs_error(final, original))
     if backend != "torch":
-        report["backend_rel_error"] = rel_error(run(*graph.example_inputs.tensors), reference)
+        report["backend_rel_error"] = rel_error(run(*graph.example_inputs.tensors), final)
     report["seconds"] = time.perf_counter() - start
     return report
 

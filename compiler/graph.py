@@ -157,7 +157,7 @@ def _strip(name: str) -> str:
 
 def trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     """Name the model class, the failing line (outside torch) and what to try."""
-    where = _user_frame(exc)
+    where = user_frame(exc)
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     msg = f"could not trace {type(model).__name__} with torch.export: {type(exc).__name__}: {first}"
     if where:
@@ -167,7 +167,7 @@ def trace_error(model: nn.Module, exc: BaseException) -> TraceError:
     return TraceError(msg, hint=hint)
 
 
-def _user_frame(exc: BaseException) -> str:
+def user_frame(exc: BaseException) -> str:
     frames = []
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:

@@ -74,10 +74,11 @@ class PassManager:
     passes: list[Pass]
     verify: bool = True
     records: list[PassRecord] = field(default_factory=list)
+    original_outputs: tuple = ()  # of the untouched copy, on the example inputs
 
     def run(self, graph: Any, ctx: Context) -> Any:
         self.passes = order_passes(self.passes, ctx.facts)
-        original = prev = graph.run()
+        original = prev = self.original_outputs = graph.run()
         for i, p in enumerate(self.passes):
             graph, outs, record = self._run_one(p, graph, ctx, prev, original, self.passes[:i])
             self.records.append(record)

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from presso.graph import Graph
 from presso.plugins.registry import get_registry
 from presso.runtime.artifact import MANIFEST, model_path, staged, write_json
 from presso.runtime.decoder import is_causal_lm, trace_decoder
@@ -16,22 +17,29 @@ from presso.runtime.onnx_export import write_onnx, write_program
 
 def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv_cache: bool = True) -> Path:
     """Returns the path of the written ONNX file."""
+    from tqdm.auto import tqdm
+
     target = model_path(path)
-    graph = compiled.graph
-    lowerings = get_registry().onnx_lowerings
-    extra: dict[str, Any] = {}
-    with staged(target.parent) as stage:
-        if kv_cache and graph.spec.hf and is_causal_lm(graph.module):
-            program, layout = trace_decoder(graph.module)
-            write_program(program, layout.input_names, ["logits"] + layout.present_names, stage / target.name,
-                          lowerings, model_name=type(graph.module).__name__)
-            extra["decoder"] = layout.to_dict()
-        else:
-            write_onnx(graph, stage / target.name, lowerings)
+    with staged(target.parent) as stage, tqdm(total=2, desc="export", leave=False) as bar:
+        extra = write_model(compiled.graph, stage / target.name, kv_cache)
+        bar.update()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(stage))
         size = sum(f.stat().st_size for f in stage.iterdir() if f.name.startswith(target.name))
         compiled.report["bytes_on_disk"] = size
         (stage / "report.md").write_text(compiled.report.to_markdown())
         write_json(stage / MANIFEST, dict(compiled.manifest, model_file=target.name, bytes_on_disk=size, **extra))
+        bar.update()
     return target
+
+
+def write_model(graph: Graph, file: Path, kv_cache: bool) -> dict[str, Any]:
+    """Write the ONNX model; returns what the manifest must add (the cache layout, if any)."""
+    lowerings = get_registry().onnx_lowerings
+    if not (kv_cache and graph.spec.hf and is_causal_lm(graph.module)):
+        write_onnx(graph, file, lowerings)
+        return {}
+    program, layout = trace_decoder(graph.module)
+    write_program(program, layout.input_names, ["logits"] + layout.present_names, file, lowerings,
+                  model_name=type(graph.module).__name__)
+    return {"decoder": layout.to_dict()}

@@ -8,10 +8,15 @@ both backends agree up to float rounding.
 """
 from __future__ import annotations
 
+import onnx
 import torch
 from onnxscript import FLOAT
 from onnxscript import opset18 as op
 from torch import nn
+
+
+_UINT8_128 = onnx.helper.make_tensor("zero_point_128", onnx.TensorProto.UINT8, [], [128])
+_TINY = 1.1754944e-38  # smallest normal float32
 
 
 @torch.library.custom_op("presso::dynamic_int8_linear", mutates_args=())
@@ -31,13 +36,14 @@ def dynamic_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: t
 
 @torch.library.custom_op("presso::dynamic_int8_linear_per_token", mutates_args=())
 def dynamic_int8_linear_per_token(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
-                                  bias: torch.Tensor) -> torch.Tensor:
+                                  bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ dequant(weight_t) + bias`` with each row of ``x`` quantized to int8 by its own scale."""
-    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    xq = torch.clamp(torch.round(x / scale), -127, 127)
+    # |x / scale| <= 127 by construction; the floor keeps an all-zero row at zero
+    scale = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / 127.0, min=_TINY)
+    xq = torch.round(x / scale)
     acc = torch.matmul(xq.double(), weight_t.double())  # exact: |products| < 2**14, sums < 2**53
-    return (acc * (scale.double() * weight_scale.double())).to(x.dtype) + bias
+    y = (acc * (scale.double() * weight_scale.double())).to(x.dtype)
+    return y if bias is None else y + bias
 
 
 @dynamic_int8_linear.register_fake
@@ -53,14 +59,19 @@ def dynamic_int8_linear_onnx(x: FLOAT, weight_t, weight_scale: FLOAT, bias: FLOA
     return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, weight_scale)), bias)
 
 
-def dynamic_int8_linear_per_token_onnx(x: FLOAT, weight_t, weight_scale: FLOAT, bias: FLOAT) -> FLOAT:
-    """Per-row int8 scales, then an int8 x int8 ``MatMulInteger`` (integer kernel in ONNX Runtime)."""
-    scale = op.Div(op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1), op.Constant(value_float=127.0))
-    scale = op.Where(op.Greater(scale, op.Constant(value_float=0.0)), scale, op.Constant(value_float=1.0))
-    xq = op.Cast(op.Clip(op.Round(op.Div(x, scale)), op.Constant(value_float=-127.0),
-                         op.Constant(value_float=127.0)), to=3)  # INT8
-    acc = op.MatMulInteger(xq, weight_t)
-    return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(scale, weight_scale)), bias)
+def dynamic_int8_linear_per_token_onnx(x: FLOAT, weight_t, weight_scale: FLOAT, bias=None) -> FLOAT:
+    """Per-row symmetric scales; the int8 codes travel as uint8 with zero point 128.
+
+    The arithmetic is exactly the symmetric int8 one, but ``MatMulInteger`` gets the
+    uint8 x int8 operand types that ONNX Runtime's fastest CPU kernels take. Few ops:
+    at batch 1 their count, not their work, is what costs.
+    """
+    absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
+    scale = op.Max(op.Div(absmax, op.Constant(value_float=127.0)), op.Constant(value_float=_TINY))
+    codes = op.Add(op.Round(op.Div(x, scale)), op.Constant(value_float=128.0))
+    acc = op.MatMulInteger(op.Cast(codes, to=2), weight_t, op.Constant(value=_UINT8_128))  # to=2: UINT8
+    y = op.Mul(op.Cast(acc, to=1), op.Mul(scale, weight_scale))
+    return y if bias is None else op.Add(y, bias)
 
 
 def quantize_per_channel_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,8 +104,10 @@ class DynamicInt8Linear(nn.Module):
         return cls(q.t().contiguous(), scale, bias, has_bias, per_token)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = dynamic_int8_linear_per_token if self.per_token else dynamic_int8_linear
-        return op(x, self.weight_t, self.weight_scale, self.bias)
+        if self.per_token:
+            bias = self.bias if self.has_bias else None
+            return dynamic_int8_linear_per_token(x, self.weight_t, self.weight_scale, bias)
+        return dynamic_int8_linear(x, self.weight_t, self.weight_scale, self.bias)
 
     def logical_params(self) -> int:
         """Weights and bias as an ``nn.Linear`` counts them."""

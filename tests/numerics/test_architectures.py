@@ -54,3 +54,12 @@ def test_onnxruntime_backend_matches_torch():
     compiled = presso.compile(model, [], example_inputs=example, backend="onnxruntime")
     assert compiled.report["backend_rel_error"] < 1e-5
     assert max_abs_error(call(compiled, example), call(model, example)) < TOL
+
+
+def test_model_in_training_mode_is_not_touched():
+    model, x = build("cnn")
+    model.train()  # BatchNorm in training mode would update its running stats if run
+    before = snapshot(model)
+    compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=x)
+    assert_unchanged(model, before)
+    assert model.training and not compiled.module.training
