@@ -26,7 +26,7 @@ from presso import models
 from presso.runtime.decoder import CacheLayout, OrtDecoder
 from presso.runtime.ort_model import session
 
-PROMPT_LEN, DECODE_STEPS, REPEATS = 128, 32, 10
+PROMPT_LEN, DECODE_STEPS, REPEATS = 128, 48, 10
 
 
 def median_ms(fn, repeats: int = REPEATS, warmup: int = 2) -> float:
@@ -115,11 +115,23 @@ def run(args) -> list[dict]:
         rows.append(presso_row(label, model, tokenizer, [presso.make_pass("quantize_dynamic_int8", **options)],
                                workdir, args, verify="ablation" not in label)[2])
     for row in rows:
-        target = row.get("eager") or row["decoder"]
-        print(f"measuring {row['label']} ...", flush=True)
-        row["ppl"] = ev.perplexity(target, tokenizer, windows=args.windows)
-        row["prefill"], row["decode"] = eager_latency(target) if "eager" in row else ort_latency(target)
+        print(f"perplexity of {row['label']} ...", flush=True)
+        row["ppl"] = ev.perplexity(row.get("eager") or row["decoder"], tokenizer, windows=args.windows)
+    measure_latency(rows, rounds=args.rounds)
     return rows
+
+
+def measure_latency(rows: list[dict], rounds: int) -> None:
+    """Interleaved rounds, median of the per-round medians: drift in the machine hits every row alike."""
+    samples = {row["label"]: [] for row in rows}
+    for r in range(rounds):
+        print(f"latency round {r + 1}/{rounds} ...", flush=True)
+        for row in rows:
+            target = row.get("eager") or row["decoder"]
+            samples[row["label"]].append(eager_latency(target) if "eager" in row else ort_latency(target))
+    for row in rows:
+        prefill, decode = zip(*samples[row["label"]])
+        row["prefill"], row["decode"] = statistics.median(prefill), statistics.median(decode)
 
 
 def table(rows: list[dict]) -> str:
@@ -147,6 +159,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=64, help="perplexity windows of 256 tokens (protocol: 64)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
     parser.add_argument("--out", help="write the markdown table here as well")
     args = parser.parse_args()
     rows = run(args)

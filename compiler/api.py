@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from presso.compiled import CompiledModel
-from presso.errors import ConfigError, PressoError, TraceError
+from presso.errors import ConfigError, ExportError, PressoError, TraceError
 from presso.graph import Graph, user_frame
 from presso.manager import PassManager
 from presso.numerics import max_abs_error, rel_error
@@ -18,6 +18,10 @@ from presso.pass_api import Context, Pass
 from presso.plugins.registry import get_registry
 from presso.report import Report, count_bytes, count_params
 from presso.signature import Inputs, hf_call_options, make_call_spec, normalize_inputs
+
+
+# lowerings reproduce the reference arithmetic; rounding flips in quantized layers stay far below this
+BACKEND_TOLERANCE = 1e-2
 
 
 def list_passes() -> list[str]:
@@ -66,6 +70,10 @@ def compile(model: nn.Module, passes: Sequence[Pass | str] = (), *, example_inpu
     graph = manager.run(graph, ctx)
     run = lower(graph)
     report = _report(model, graph, manager, backend, before, run, start)
+    if verify and report.get("backend_rel_error", 0.0) > BACKEND_TOLERANCE:
+        raise ExportError(f"the {backend} backend disagrees with the torch reference: relative error "
+                          f"{report['backend_rel_error']:.3g} on the example inputs (tolerance {BACKEND_TOLERANCE:g})",
+                          hint="a lowering is wrong for this model: use backend='torch' and report the model")
     return CompiledModel(graph, run, report, backend, _manifest(graph, manager, report))
 
 

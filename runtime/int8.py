@@ -42,7 +42,7 @@ def dynamic_int8_linear_per_token(x: torch.Tensor, weight_t: torch.Tensor, weigh
     scale = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / 127.0, min=_TINY)
     xq = torch.round(x / scale)
     acc = torch.matmul(xq.double(), weight_t.double())  # exact: |products| < 2**14, sums < 2**53
-    y = (acc * (scale.double() * weight_scale.double())).to(x.dtype)
+    y = (acc.float() * weight_scale) * scale  # float32, in the ONNX lowering's order
     return y if bias is None else y + bias
 
 
@@ -70,7 +70,9 @@ def dynamic_int8_linear_per_token_onnx(x: FLOAT, weight_t, weight_scale: FLOAT, 
     scale = op.Max(op.Div(absmax, op.Constant(value_float=127.0)), op.Constant(value_float=_TINY))
     codes = op.Add(op.Round(op.Div(x, scale)), op.Constant(value_float=128.0))
     acc = op.MatMulInteger(op.Cast(codes, to=2), weight_t, op.Constant(value=_UINT8_128))  # to=2: UINT8
-    y = op.Mul(op.Cast(acc, to=1), op.Mul(scale, weight_scale))
+    # weight scale first: ONNX Runtime fuses MatMulInteger -> Cast -> Mul(a_scale * b_scale) into
+    # MatMulIntegerToFloat, whose a_scale cannot be per row; this order keeps the fusion off
+    y = op.Mul(op.Mul(op.Cast(acc, to=1), weight_scale), scale)
     return y if bias is None else op.Add(y, bias)
 
 

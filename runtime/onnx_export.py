@@ -48,9 +48,14 @@ def tidy(model) -> None:
     from onnxscript.optimizer import fold_constants
 
     fold_constants(model, onnx_shape_inference=False, input_size_limit=1 << 40, output_size_limit=1 << 40,
-                   should_fold=lambda node: node.op_type == "Transpose")
+                   should_fold=_is_private_transpose)
     common.CommonSubexpressionEliminationPass()(model)
     common.RemoveUnusedNodesPass()(model)
+
+
+def _is_private_transpose(node) -> bool:
+    """A Transpose that alone reads its input: folding a shared one (a tied embedding) would copy it."""
+    return node.op_type == "Transpose" and len(node.inputs[0].uses()) == 1
 
 
 def write_onnx(graph: Graph, path: Path, lowerings: dict) -> None:

@@ -136,7 +136,7 @@ def test_failed_export_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         compiled.export(tmp_path)
     assert good.read_bytes() == old  # the earlier artifact is intact
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "model.onnx", "report.md"]
 
 
 def test_corrupt_or_missing_artifact(tmp_path):

@@ -21,7 +21,8 @@ def test_accuracy_and_no_mutation(name):
 
 
 @pytest.mark.parametrize("name,activations,quantizer", [
-    ("llama", "per_token", "Cast"), ("gpt2", "per_token", "Cast"), ("bert", "per_tensor", "DynamicQuantizeLinear")])
+    ("llama", "per_token", "Cast"), ("gpt2", "per_token", "Cast"), ("bert", "per_token", "Cast"),
+    ("bert", "per_tensor", "DynamicQuantizeLinear")])
 def test_onnx_uses_integer_matmul_and_agrees_with_torch(name, activations, quantizer, tmp_path):
     model, example = build(name)
     compiled = presso.compile(model, [presso.make_pass("quantize_dynamic_int8", activations=activations)],
