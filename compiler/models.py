@@ -94,8 +94,8 @@ def load_gguf(file: Path, name: str) -> tuple[Any, Any]:
 
 
 def _fingerprint(source: Path) -> dict[str, Any]:
-    stat = source.stat()
-    return {"version": CACHE_VERSION, "source": str(source.resolve()), "source_size": stat.st_size}
+    """Name and size, not the path: every virtual environment with the same file shares the cache."""
+    return {"version": CACHE_VERSION, "source": source.name, "source_size": source.stat().st_size}
 
 
 def _sha256(path: Path) -> str:
