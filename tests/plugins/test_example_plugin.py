@@ -19,7 +19,9 @@ from models import build
 names = presso.list_passes()
 out = {{"passes": names}}
 if "fold_batchnorm" in names:
+    from presso.testing import check_pass
     model, x = build("cnn")
+    check_pass(presso.make_pass("fold_batchnorm"), model, x, tolerance=1e-4)  # numerics, no mutation, JSON
     compiled = presso.compile(model, ["fold_batchnorm", "quantize_dynamic_int8"], example_inputs=x)
     rec = compiled.report["passes"]
     out.update(folded=rec[0]["stats"]["folded"], step_error=rec[0]["rel_error_step"],
