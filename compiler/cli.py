@@ -61,6 +61,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def artifact_tokenizer(artifact: str | Path):
+    """The tokenizer saved beside an exported model (``presso compile`` writes it)."""
+    from transformers import AutoTokenizer
+
+    path = Path(artifact)
+    return AutoTokenizer.from_pretrained(str(path if path.is_dir() else path.parent), local_files_only=True)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     import presso
     from presso import eval as ev
@@ -68,11 +76,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     if (target / "manifest.json").exists() or target.suffix == ".onnx":
-        from transformers import AutoTokenizer
-
         model = presso.runtime.load(target)
-        folder = target if target.is_dir() else target.parent
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = artifact_tokenizer(target)
         size = f"{model.manifest.get('bytes_on_disk', 0) / 1e6:.1f} MB on disk"
     else:
         model, tokenizer = models.load(args.target)
@@ -84,14 +89,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     import presso
-    from transformers import AutoTokenizer
 
     model = presso.runtime.load(args.artifact)
-    folder = Path(args.artifact) if Path(args.artifact).is_dir() else Path(args.artifact).parent
     if not hasattr(model, "generate"):
         raise PressoError(f"{args.artifact} is not a causal language model export",
                           hint="export a causal LM, e.g. presso compile --model smollm2-135m --out DIR")
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer = artifact_tokenizer(args.artifact)
     ids = prompt_ids(tokenizer, args.prompt, chat=not args.raw)
     out = model.generate(ids, max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id)
     print(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())

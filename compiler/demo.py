@@ -9,6 +9,7 @@ import torch
 import presso
 from presso import eval as ev
 from presso import models
+from presso.cli import prompt_ids
 
 PROMPT = "What is the capital of France? Answer in one sentence."
 
@@ -26,8 +27,6 @@ def run_demo(out: str | Path = "out/demo", windows: int = 8) -> dict:
     print(f"perplexity on {windows} windows of 256 WikiText-2 test tokens ...", flush=True)
     ppl_fp32 = ev.perplexity(model, tokenizer, windows=windows)
     ppl_int8 = ev.perplexity(runtime_model, tokenizer, windows=windows)
-    from presso.cli import prompt_ids
-
     ids = prompt_ids(tokenizer, PROMPT)
     answer_ids = runtime_model.generate(ids, max_new_tokens=48, eos_token_id=tokenizer.eos_token_id)
     answer = tokenizer.decode(answer_ids[0, ids.shape[1]:], skip_special_tokens=True).strip()

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from presso.errors import PressoError
 
@@ -37,8 +38,6 @@ def token_ids(tokenizer: Any, text: str, n_tokens: int) -> torch.Tensor:
 
 def logits_of(model: Any, ids: torch.Tensor) -> torch.Tensor:
     """Logits from an eager HF model, a CompiledModel or an ONNX Runtime model alike."""
-    from torch import nn
-
     with torch.no_grad():
         out = model(ids, use_cache=False) if isinstance(model, nn.Module) else model(ids)
     return out.logits if hasattr(out, "logits") else (out[0] if isinstance(out, (tuple, list)) else out)

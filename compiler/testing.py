@@ -19,7 +19,7 @@ from presso.api import compile
 from presso.compiled import CompiledModel
 from presso.numerics import non_finite, rel_error
 from presso.pass_api import Pass
-from presso.signature import normalize_inputs
+from presso.signature import hf_call_options, normalize_inputs
 
 
 def snapshot(model: nn.Module) -> tuple[dict[str, torch.Tensor], str, bool]:
@@ -54,8 +54,6 @@ def outputs_of(result: Any) -> list[torch.Tensor]:
 @torch.no_grad()
 def call(model: Any, inputs: Any) -> list[torch.Tensor]:
     """Call ``model`` with inputs given as for ``example_inputs``; HF models without a KV cache."""
-    from presso.signature import hf_call_options
-
     inp = normalize_inputs(inputs)
     extra = hf_call_options(model) if isinstance(model, nn.Module) else {}
     return outputs_of(model(*inp.args, **inp.kwargs, **extra))
