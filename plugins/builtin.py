@@ -9,8 +9,12 @@ from presso.plugins.hookspecs import hookimpl
 @hookimpl
 def presso_register_passes(registrar) -> None:
     from presso.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
+    from presso.passes.quantize_static_int8 import QuantizeStaticInt8
+    from presso.passes.quantize_weights import QuantizeWeights
+    from presso.passes.smooth_quant import SmoothQuant
 
-    registrar.add_pass(QuantizeDynamicInt8)
+    for p in (QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, SmoothQuant):
+        registrar.add_pass(p)
 
 
 @hookimpl
@@ -23,8 +27,15 @@ def presso_register_backends(registrar) -> None:
 
 @hookimpl
 def presso_register_onnx_lowerings(registrar) -> None:
-    from presso.runtime import int8
+    from presso.runtime import int8, nbits, qdq
 
-    registrar.add_onnx_lowering(torch.ops.presso.dynamic_int8_linear.default, int8.dynamic_int8_linear_onnx)
-    registrar.add_onnx_lowering(torch.ops.presso.dynamic_int8_linear_per_token.default,
-                                int8.dynamic_int8_linear_per_token_onnx)
+    ops = torch.ops.presso
+    for custom_op, lowering in (
+        (ops.dynamic_int8_linear, int8.dynamic_int8_linear_onnx),
+        (ops.dynamic_int8_linear_per_token, int8.dynamic_int8_linear_per_token_onnx),
+        (ops.quantize_dequantize, qdq.quantize_dequantize_onnx),
+        (ops.dequantize_per_channel, qdq.dequantize_per_channel_onnx),
+        (ops.matmul_nbits, nbits.matmul_nbits_onnx),
+        (ops.gather_nbits, nbits.gather_nbits_onnx),
+    ):
+        registrar.add_onnx_lowering(custom_op.default, lowering)

@@ -1,0 +1,93 @@
+"""``quantize_static_int8``: W8A8 with calibrated activation ranges (Q/DQ insertion).
+
+Policy: every linear (and, with ``convs``, every zero-padded ``Conv2d``) the traced graph
+calls, minus ``skip``, minus the ``keep_sensitive`` layers whose outputs move most (kept
+in float). Mechanism: an observer per layer input over the calibration batches, then
+:class:`presso.runtime.qdq.StaticInt8Linear`/``StaticInt8Conv2d``: Q/DQ on the input and an
+int8 per-channel weight, which ONNX Runtime fuses into integer kernels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from presso.errors import ConfigError
+from presso.graph import Graph
+from presso.pass_api import Context, Pass, PassConfig, PassResult
+from presso.passes.common import is_linear, linear_weight, matches
+from presso.passes.observers import RangeObserver
+from presso.passes.sensitivity import layer_errors, most_sensitive
+from presso.runtime.qdq import ActivationQuant, StaticInt8Conv2d, StaticInt8Linear
+
+
+@dataclass(frozen=True, kw_only=True)
+class StaticInt8Config(PassConfig):
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.99  # for observer="percentile"
+    activations: Literal["asymmetric", "symmetric"] = "asymmetric"  # uint8 with zero point, or int8
+    convs: bool = True
+    skip: tuple[str, ...] = ()
+    keep_sensitive: int = 0  # this many most sensitive layers stay in float
+
+    def validate(self) -> None:
+        if not 50.0 < self.percentile <= 100.0:
+            raise ConfigError(f"percentile={self.percentile} must be in (50, 100]", hint="e.g. 99.99")
+        if self.keep_sensitive < 0:
+            raise ConfigError("keep_sensitive must be >= 0")
+
+
+def quantizable(module: nn.Module, convs: bool) -> bool:
+    if is_linear(module):
+        return True
+    return convs and isinstance(module, nn.Conv2d) and module.padding_mode == "zeros"
+
+
+class QuantizeStaticInt8(Pass):
+    name = "quantize_static_int8"
+    Config = StaticInt8Config
+    summary = "W8A8: calibrated per-tensor activation Q/DQ and int8 per-channel weights (ONNX QDQ)."
+    requires = frozenset({"calibration"})
+    provides = frozenset({"quantized"})
+    max_rel_error = 0.3  # per-tensor 8-bit activations everywhere; SmoothQuant before it lowers this
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        cfg = self.config
+        called = graph.called_modules()
+        chosen = {p: m for p, m in called.items() if quantizable(m, cfg.convs) and not matches(p, cfg.skip)}
+        skipped = [p for p, m in called.items() if quantizable(m, cfg.convs) and p not in chosen]
+        acts = self._calibrate(graph, chosen, ctx)
+        stats: dict = {"observer": cfg.observer, "skipped": skipped}
+        if cfg.keep_sensitive:
+            errors = layer_errors(graph, chosen, lambda p, m: replacement(m, acts[p]), list(ctx.calibration))
+            kept = most_sensitive(errors, cfg.keep_sensitive)
+            chosen = {p: m for p, m in chosen.items() if p not in kept}
+            stats["kept_in_float"] = kept
+        for path, module in chosen.items():
+            graph.module.set_submodule(path, replacement(module, acts[path]))
+        stats["quantized"] = len(chosen)
+        return PassResult(graph, modified=bool(chosen), stats=stats)
+
+    @torch.no_grad()
+    def _calibrate(self, graph: Graph, chosen: dict[str, nn.Module], ctx: Context) -> dict[str, ActivationQuant]:
+        cfg = self.config
+        symmetric = cfg.activations == "symmetric"
+        observers = {p: RangeObserver(cfg.observer, cfg.percentile, symmetric) for p in chosen}
+        handles = [m.register_forward_pre_hook(lambda _m, args, p=p: observers[p].update(args[0]))
+                   for p, m in chosen.items()]
+        try:
+            for inputs in ctx.calibration_batches(desc="quantize_static_int8: calibration"):
+                graph.run(inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        return {p: ActivationQuant(*obs.params(), symmetric) for p, obs in observers.items()}
+
+
+def replacement(module: nn.Module, act: ActivationQuant) -> nn.Module:
+    if isinstance(module, nn.Conv2d):
+        return StaticInt8Conv2d(module, act)
+    weight, bias = linear_weight(module)
+    return StaticInt8Linear(weight, bias, act)

@@ -1,0 +1,169 @@
+"""``quantize_weights``: weight-only int4/int8, group-wise, by RTN, GPTQ or AWQ.
+
+Policy: every linear the traced graph calls, minus ``skip``; optionally the embedding
+tables (a tied lm_head then reads the same packed table); optionally the
+``keep_sensitive`` layers whose outputs move most stay at ``sensitive_bits``.
+Mechanism: :class:`presso.runtime.nbits.WeightOnlyLinear`, lowered to ONNX Runtime's
+``MatMulNBits``. GPTQ and AWQ calibrate one repeated block at a time
+(:mod:`presso.passes.calibration`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import torch
+from torch import nn
+
+from presso.errors import ConfigError
+from presso.graph import Graph
+from presso.pass_api import Context, Pass, PassConfig, PassResult
+from presso.passes import awq
+from presso.passes.calibration import StatsCollector, peak_rss_bytes, segments, weight_of
+from presso.passes.common import linear_weight
+from presso.passes.gptq import gptq_quantize
+from presso.passes.quantize_dynamic_int8 import select_linears
+from presso.passes.scale_groups import apply_scales, find_scale_groups
+from presso.passes.sensitivity import layer_errors, most_sensitive
+from presso.runtime.nbits import PackedWeight, WeightOnlyEmbedding, WeightOnlyLinear
+from presso.runtime.quant import WeightFormat, quantize_weight
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeWeightsConfig(PassConfig):
+    bits: int = 4
+    group_size: int = 128  # along the input dimension; -1: one scale per output channel
+    symmetric: bool = True
+    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    skip: tuple[str, ...] = ()  # glob patterns on module paths, kept in float
+    embeddings: Literal["none", "int8", "int4"] = "none"  # also quantize embedding tables
+    keep_sensitive: int = 0  # this many most sensitive linears get sensitive_bits instead
+    sensitive_bits: int = 8
+    damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
+    act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
+
+    def validate(self) -> None:
+        for name in ("bits", "sensitive_bits"):
+            if getattr(self, name) not in (4, 8):
+                raise ConfigError(f"{name}={getattr(self, name)} is not supported",
+                                  hint="use 4 or 8 (the widths ONNX Runtime's MatMulNBits runs)")
+        g = self.group_size
+        if g != -1 and (g < 16 or g & (g - 1)):
+            raise ConfigError(f"group_size={g} is not supported",
+                              hint="use a power of two of at least 16 (32, 64, 128, ...) or -1 for per channel")
+        if self.keep_sensitive < 0 or not 0 < self.damp < 1:
+            raise ConfigError("keep_sensitive must be >= 0 and damp in (0, 1)")
+
+    @property
+    def fmt(self) -> WeightFormat:
+        return WeightFormat(self.bits, self.group_size, self.symmetric)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn" or self.keep_sensitive > 0
+
+
+class QuantizeWeights(Pass):
+    name = "quantize_weights"
+    Config = QuantizeWeightsConfig
+    summary = "Weight-only int4/int8 group-wise (RTN, GPTQ, AWQ), lowered to ONNX Runtime MatMulNBits."
+    provides = frozenset({"quantized"})
+    max_rel_error = 0.5  # int4 weights on every layer of a random model; real models move far less
+
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"calibration"}) if self.config.needs_calibration else frozenset()
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        cfg = self.config
+        chosen, skipped = select_linears(graph, cfg.skip)
+        stats: dict = {"method": cfg.method, "skipped": skipped}
+        embedded = quantize_embeddings(graph, chosen, cfg, stats) if cfg.embeddings != "none" else {}
+        chosen = {p: m for p, m in chosen.items() if p not in embedded}
+        formats = {p: cfg.fmt for p in chosen}
+        batches = list(ctx.calibration or [])
+        if cfg.keep_sensitive:
+            kept = keep_sensitive(graph, chosen, cfg, batches)
+            formats.update({p: replace(cfg.fmt, bits=cfg.sensitive_bits) for p in kept})
+            stats["kept_at_sensitive_bits"] = kept
+        start = time.perf_counter()
+        if cfg.method == "rtn":
+            for path, module in chosen.items():
+                weight, bias = linear_weight(module)
+                graph.module.set_submodule(path, WeightOnlyLinear.quantize(weight, bias, formats[path]))
+        else:
+            stats.update(calibrate_and_quantize(graph, chosen, formats, batches, cfg))
+        stats["quantize_seconds"] = round(time.perf_counter() - start, 2)
+        stats["quantized"] = len(chosen)
+        stats["weight_bytes"] = sum(formats[p].bytes_for(*weight_of(m).shape) for p, m in chosen.items())
+        return PassResult(graph, modified=bool(chosen or embedded), stats=stats)
+
+
+def quantize_embeddings(graph: Graph, chosen: dict[str, nn.Module], cfg: QuantizeWeightsConfig,
+                        stats: dict) -> set[str]:
+    """Pack every called embedding table; linears tied to one read it too. Returns those linears."""
+    fmt = replace(cfg.fmt, bits=8 if cfg.embeddings == "int8" else 4)
+    tied: set[str] = set()
+    tables = {p: m for p, m in graph.called_modules().items() if type(m) is nn.Embedding}  # subclasses (learned positions) add logic
+    for path, emb in tables.items():
+        packed = PackedWeight(quantize_weight(emb.weight.detach(), fmt))
+        graph.module.set_submodule(path, WeightOnlyEmbedding(packed, emb.padding_idx))
+        for lpath, linear in chosen.items():
+            if isinstance(linear, nn.Linear) and linear.weight is emb.weight:
+                graph.module.set_submodule(lpath, WeightOnlyLinear(packed, linear.bias, tied=True))
+                tied.add(lpath)
+    stats["embeddings"] = {"tables": list(tables), "bits": fmt.bits, "tied_linears": sorted(tied)}
+    return tied
+
+
+def keep_sensitive(graph: Graph, chosen: dict[str, nn.Module], cfg: QuantizeWeightsConfig,
+                   batches: list) -> dict[str, float]:
+    def rtn(_path, module):
+        weight, bias = linear_weight(module)
+        return WeightOnlyLinear.quantize(weight, bias, cfg.fmt)
+
+    return most_sensitive(layer_errors(graph, chosen, rtn, batches), cfg.keep_sensitive)
+
+
+def calibrate_and_quantize(graph: Graph, chosen: dict[str, nn.Module], formats: dict[str, WeightFormat],
+                           batches: list, cfg: QuantizeWeightsConfig) -> dict:
+    """GPTQ or AWQ, one block at a time; returns stats (memory, AWQ alphas)."""
+    groups = find_scale_groups(graph) if cfg.method == "awq" else []
+    peak_inputs, alphas, hessian_bytes = 0, {}, 0
+    for seg in segments(graph, chosen, batches):
+        with StatsCollector(seg.linears) as collector:
+            seg.run(collector)
+        stats = collector.stats
+        hessian_bytes = max(hessian_bytes, sum(s.xtx.numel() * 8 for s in {id(s): s for s in stats.values()}.values()))
+        peak_inputs = max(peak_inputs, seg.input_bytes)
+        if cfg.method == "awq":
+            alphas.update(_awq_scales(graph, seg.linears, groups, collector, formats))
+        for path, module in seg.linears.items():
+            weight, bias = linear_weight(module)
+            h = stats[path].hessian
+            if cfg.method == "gptq":
+                q = gptq_quantize(weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order)
+            else:
+                q = awq.clip_quantize(weight.float(), h, formats[path])
+            graph.module.set_submodule(path, WeightOnlyLinear(PackedWeight(q), bias))
+    return {"calibration_batches": len(batches), "awq_alpha": alphas,
+            "calibration_memory": {"block_inputs_bytes": peak_inputs, "hessian_bytes": hessian_bytes,
+                                   "process_peak_rss_bytes": peak_rss_bytes()}}
+
+
+def _awq_scales(graph: Graph, linears: dict[str, nn.Module], groups, collector: StatsCollector,
+                formats: dict[str, WeightFormat]) -> dict[str, float]:
+    """Search and fold AWQ scales for the scale groups whose consumers are all in ``linears``."""
+    alphas = {}
+    for group in groups:
+        if not all(c in linears for c in group.consumers):
+            continue
+        stats = collector.stats[group.consumers[0]]
+        weights = [linear_weight(linears[c])[0].float() for c in group.consumers]
+        s, alpha = awq.search_scales(weights, stats.hessian, stats.mean_abs, formats[group.consumers[0]])
+        apply_scales(graph.module, group, s)
+        for inputs in {id(collector.stats[c]): collector.stats[c] for c in group.consumers}.values():
+            inputs.rescale(s)  # the consumers now see inputs divided by s
+        alphas[group.producer] = round(alpha, 3)
+    return alphas

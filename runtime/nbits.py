@@ -1,0 +1,192 @@
+"""Weight-only quantized linear and embedding: packed 4/8-bit codes, group-wise scales.
+
+The linear lowers to ONNX Runtime's ``com.microsoft::MatMulNBits``; the embedding lowers
+to standard ONNX (a ``Gather`` of packed rows, then unpacking), so a tied embedding and
+lm_head read one packed table. The torch reference dequantizes and runs a float matmul,
+which is what ``MatMulNBits`` computes at ``accuracy_level=0``.
+"""
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnxscript import FLOAT, INT64
+from onnxscript import opset18 as op
+from onnx.defs import OpSchema
+from torch import nn
+
+from presso.runtime.quant import QuantizedWeight, WeightFormat, pack_codes, quantize_weight, unpack_codes
+
+
+
+def _matmul_nbits_schema() -> OpSchema:
+    """ONNX Runtime's contrib op, as far as presso uses it (onnx ships no schema for it)."""
+    param = OpSchema.FormalParameter
+    optional = OpSchema.FormalParameterOption.Optional
+    attr = OpSchema.Attribute
+    return OpSchema(
+        "MatMulNBits", "com.microsoft", 1,
+        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
+                param("zero_points", "T2", param_option=optional)],
+        outputs=[param("Y", "T1")],
+        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], "")],
+        attributes=[attr("K", OpSchema.AttrType.INT), attr("N", OpSchema.AttrType.INT),
+                    attr("bits", OpSchema.AttrType.INT), attr("block_size", OpSchema.AttrType.INT),
+                    attr("accuracy_level", OpSchema.AttrType.INT)],
+    )
+
+
+_MATMUL_NBITS = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits",
+                                     _matmul_nbits_schema())
+
+
+def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                      k: int, bits: int) -> torch.Tensor:
+    """``(rows, blocks, blob)`` packed codes to a float ``(rows, k)`` weight."""
+    rows, blocks, _ = packed.shape
+    block = packed.shape[2] * 8 // bits
+    codes = unpack_codes(packed, bits, block).float()
+    zero = (unpack_codes(zeros, bits, blocks).float() if zeros is not None
+            else torch.full((rows, blocks), 2.0 ** (bits - 1)))
+    w = (codes - zero[..., None]) * scales[..., None]
+    return w.reshape(rows, -1)[:, :k]
+
+
+@torch.library.custom_op("presso::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """``x @ W.T`` for the packed weight ``W`` ``(n, k)``."""
+    return torch.matmul(x, dequantize_packed(packed, scales, zeros, k, bits).t())
+
+
+@matmul_nbits.register_fake
+def _(x, packed, scales, zeros, k, n, bits, block_size):
+    return x.new_empty((*x.shape[:-1], n))
+
+
+@torch.library.custom_op("presso::gather_nbits", mutates_args=())
+def gather_nbits(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                 k: int, bits: int) -> torch.Tensor:
+    """Rows ``ids`` of the packed table, dequantized: an embedding lookup."""
+    flat = ids.reshape(-1)
+    rows = dequantize_packed(packed[flat], scales[flat], None if zeros is None else zeros[flat], k, bits)
+    return rows.reshape(*ids.shape, k)
+
+
+@gather_nbits.register_fake
+def _(ids, packed, scales, zeros, k, bits):
+    return torch.empty((*ids.shape, k), dtype=scales.dtype, device=ids.device)
+
+
+def matmul_nbits_onnx(x: FLOAT, packed, scales: FLOAT, zeros=None, k: int = 0, n: int = 0, bits: int = 4,
+                      block_size: int = 32) -> FLOAT:
+    flat_scales = op.Reshape(scales, op.Constant(value_ints=[-1]))
+    if zeros is None:
+        return _MATMUL_NBITS(x, packed, flat_scales, K=k, N=n, bits=bits, block_size=block_size,
+                                accuracy_level=0)
+    flat_zeros = op.Reshape(zeros, op.Constant(value_ints=[-1]))
+    return _MATMUL_NBITS(x, packed, flat_scales, flat_zeros, K=k, N=n, bits=bits, block_size=block_size,
+                            accuracy_level=0)
+
+
+def _unpack_onnx(packed, bits: int):
+    """uint8 bytes ``(..., m)`` to codes ``(..., m * 8 / bits)``, as float."""
+    if bits == 8:
+        return op.Cast(packed, to=1)
+    low = op.BitwiseAnd(packed, op.Constant(value=_u8(0x0F)))
+    high = op.BitShift(packed, op.Constant(value=_u8(4)), direction="RIGHT")
+    both = op.Concat(op.Unsqueeze(low, op.Constant(value_ints=[-1])),
+                     op.Unsqueeze(high, op.Constant(value_ints=[-1])), axis=-1)
+    shape = op.Concat(op.Shape(packed, end=-1), op.Constant(value_ints=[-1]), axis=0)
+    return op.Cast(op.Reshape(both, shape), to=1)
+
+
+def _u8(value: int):
+    import onnx
+
+    return onnx.helper.make_tensor("u8", onnx.TensorProto.UINT8, [], [value])
+
+
+def gather_nbits_onnx(ids: INT64, packed, scales: FLOAT, zeros=None, k: int = 0, bits: int = 4) -> FLOAT:
+    flat = op.Reshape(ids, op.Constant(value_ints=[-1]))
+    codes = _unpack_onnx(op.Gather(packed, flat, axis=0), bits)  # (T, blocks, block)
+    row_scales = op.Unsqueeze(op.Gather(scales, flat, axis=0), op.Constant(value_ints=[-1]))
+    if zeros is None:
+        zero = op.Constant(value_float=float(2 ** (bits - 1)))
+    else:
+        zero = op.Slice(_unpack_onnx(op.Gather(zeros, flat, axis=0), bits), op.Constant(value_ints=[0]),
+                        op.Shape(scales, start=1, end=2), op.Constant(value_ints=[1]))
+        zero = op.Unsqueeze(zero, op.Constant(value_ints=[-1]))
+    rows = op.Reshape(op.Mul(op.Sub(codes, zero), row_scales), op.Constant(value_ints=[0, -1]))
+    rows = op.Slice(rows, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), op.Constant(value_ints=[1]))
+    shape = op.Concat(op.Shape(ids), op.Constant(value_ints=[k]), axis=0)
+    return op.Reshape(rows, shape)
+
+
+class PackedWeight(nn.Module):
+    """Buffers of one packed weight: codes ``(N, blocks, blob)``, scales, zero points or None."""
+
+    def __init__(self, q: QuantizedWeight):
+        super().__init__()
+        self.fmt, self.in_features = q.fmt, q.in_features
+        self.out_features, blocks = q.scales.shape
+        self.block_size = q.block_size
+        self.register_buffer("packed", pack_codes(q.codes, q.fmt.bits).view(self.out_features, blocks, -1))
+        self.register_buffer("scales", q.scales.contiguous())
+        zeros = None if q.fmt.symmetric else pack_codes(q.zeros, q.fmt.bits)
+        self.register_buffer("zeros", zeros)
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize_packed(self.packed, self.scales, self.zeros, self.in_features, self.fmt.bits)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros) if t is not None)
+
+
+class WeightOnlyLinear(nn.Module):
+    """Drop-in for ``nn.Linear`` with a packed weight (possibly shared with an embedding)."""
+
+    def __init__(self, weight: PackedWeight, bias: torch.Tensor | None, tied: bool = False):
+        super().__init__()
+        self.weight_q = weight
+        self.tied = tied  # the packed weight belongs to an embedding and is counted there
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat) -> "WeightOnlyLinear":
+        return cls(PackedWeight(quantize_weight(weight, fmt)), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight_q
+        y = matmul_nbits(x, w.packed, w.scales, w.zeros, w.in_features, w.out_features, w.fmt.bits, w.block_size)
+        return y if self.bias is None else y + self.bias
+
+    def logical_params(self) -> int:
+        weights = 0 if self.tied else self.in_features * self.out_features
+        return weights + (0 if self.bias is None else self.out_features)
+
+    def extra_repr(self) -> str:
+        f = self.weight_q.fmt
+        group = "per channel" if f.group_size < 0 else f"group {f.group_size}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{f.bits} "
+                f"{'symmetric' if f.symmetric else 'asymmetric'}, {group}")
+
+
+class WeightOnlyEmbedding(nn.Module):
+    """Drop-in for ``nn.Embedding`` over a packed table."""
+
+    def __init__(self, table: PackedWeight, padding_idx: int | None = None):
+        super().__init__()
+        self.weight_q = table
+        self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
+        self.padding_idx = padding_idx
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.weight_q
+        return gather_nbits(ids, t.packed, t.scales, t.zeros, t.in_features, t.fmt.bits)
+
+    def logical_params(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int{self.weight_q.fmt.bits}"
