@@ -1,11 +1,12 @@
-"""LLM benchmark on the embedded SmolLM2: size, perplexity, ONNX Runtime latency, against peers.
+"""LLM benchmark on the embedded SmolLM2: size, perplexity, latency, against peers.
 
-    python -m benchmarks.llm [--windows 64] [--threads 2] [--out docs/benchmarks.md]
+    python -m benchmarks.llm [--groups int8,int4] [--windows 64] [--threads 2] [--out FILE]
 
 Every row is measured in the same run on the same inputs: perplexity by the shared protocol
 (WikiText-2 test, 64 x 256 tokens), prefill of one 128-token prompt and per-token decode
-with a KV cache in ONNX Runtime (CPU), medians after warm-up. The ONNX Runtime peer
-quantizes the very fp32 graph that presso exports.
+with a KV cache (ONNX Runtime CPU, or PyTorch eager for eager peers), medians after
+warm-up. ONNX peers quantize the very fp32 graph that presso exports; every calibrated
+method, presso's and the peers', sees the same 128 WikiText-2 validation sequences of 256 tokens.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from presso import eval as ev
 from presso import models
 from presso.runtime.decoder import CacheLayout, OrtDecoder
 from presso.runtime.ort_model import session
+
+from benchmarks import peers
 
 PROMPT_LEN, DECODE_STEPS, REPEATS = 128, 48, 10
 
@@ -75,26 +78,66 @@ def load_decoder(path: Path, layout: CacheLayout, threads: int) -> OrtDecoder:
     return OrtDecoder(session(path, ["CPUExecutionProvider"], threads), layout, {}, path)
 
 
-def presso_row(label, model, tokenizer, passes, workdir, args, verify=True):
+def presso_row(label, model, passes, workdir, args, calibration=None, verify=True):
     start = time.perf_counter()
-    compiled = presso.compile(model, passes, example_inputs=torch.randint(3, 1000, (1, 16)), verify=verify)
-    path = compiled.export(workdir / label.replace(" ", "_"))
-    seconds = time.perf_counter() - start
+    compiled = presso.compile(model, passes, example_inputs=torch.randint(3, 1000, (1, 16)),
+                              calibration=calibration, verify=verify)
+    compile_seconds = time.perf_counter() - start
+    path = compiled.export(workdir / label.replace(" ", "_").replace("/", "-"))
     decoder = presso.runtime.load(path, providers=["CPUExecutionProvider"], threads=args.threads)
     return path, decoder, dict(label=label, mb=disk_mb(path), params=compiled.report["params_after"],
-                               seconds=seconds, decoder=decoder)
+                               seconds=compile_seconds, decoder=decoder, note=_memory_note(compiled.report))
 
 
-def ort_quantize_dynamic_row(fp32_path: Path, layout: CacheLayout, workdir: Path, args) -> dict:
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def _memory_note(report) -> str:
+    for p in report["passes"]:
+        memory = p["stats"].get("calibration_memory")
+        if memory:
+            return (f"peak RSS {memory['process_peak_rss_bytes'] / 1e9:.1f} GB; one block's inputs "
+                    f"{memory['block_inputs_bytes'] / 1e6:.0f} MB + Hessians {memory['hessian_bytes'] / 1e6:.0f} MB")
+    return ""
 
-    out = workdir / "ort_quantize_dynamic.onnx"
-    start = time.perf_counter()
-    quantize_dynamic(str(fp32_path), str(out), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8)
-    seconds = time.perf_counter() - start
-    decoder = load_decoder(out, layout, args.threads)
-    return dict(label="ORT quantize_dynamic (peer)", mb=disk_mb(out), params=None, seconds=seconds, decoder=decoder)
+
+def onnx_peer_row(label, quantize, fp32_path, layout, workdir, feeds, args) -> dict:
+    print(f"peer: {label} ...", flush=True)
+    out, seconds, error = peers.run_onnx_peer(label, quantize, fp32_path, workdir, feeds)
+    if out is None:
+        return dict(label=label, failed=error, seconds=seconds)
+    return dict(label=label, mb=disk_mb(out), params=None, seconds=seconds,
+                decoder=load_decoder(out, layout, args.threads), note="")
+
+
+def eager_peer_row(label, quantize, model) -> dict:
+    print(f"peer: {label} ...", flush=True)
+    quantized, seconds, mb, error = peers.run_eager_peer(label, quantize, model)
+    if quantized is None:
+        return dict(label=label, failed=error, seconds=seconds)
+    return dict(label=label, mb=mb, params=None, seconds=seconds, eager=quantized, note="")
+
+
+def int8_recipes() -> list[tuple[str, list]]:
+    mp = presso.make_pass
+    return [("presso quantize_dynamic_int8 (W8A8 dynamic, per-token)", [mp("quantize_dynamic_int8")]),
+            ("presso smooth_quant + quantize_static_int8 (W8A8 static)",
+             [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse", keep_sensitive=SENSITIVE)]),
+            ("presso quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)])]
+
+
+def int4_recipes(group: int) -> list[tuple[str, list]]:
+    mp = presso.make_pass
+    ordered = {"act_order": True}  # GPTQ columns by decreasing Hessian diagonal
+    rows = [(f"presso int4 sym g{group} {method.upper()} (lm_head float)",
+             [mp("quantize_weights", bits=4, group_size=group, method=method, skip=("lm_head",),
+                 **(ordered if "gptq" in method else {}))])
+            for method in ("rtn", "gptq", "awq")]
+    rows += [(f"presso int4 sym g{group} {method.upper()} + int8 embeddings/lm_head",
+              [mp("quantize_weights", bits=4, group_size=group, method=method, embeddings="int8",
+                  **(ordered if "gptq" in method else {}))])
+             for method in ("gptq", "awq+gptq")]
+    return rows
+
+
+SENSITIVE = 4  # layers kept in float by the W8A8 recipe (its report names them)
 
 
 def run(args) -> list[dict]:
@@ -102,22 +145,29 @@ def run(args) -> list[dict]:
     model, tokenizer = models.load("smollm2-135m")
     n_params = sum(p.numel() for p in model.parameters())
     workdir = Path(tempfile.mkdtemp(prefix="presso-bench-"))
-    rows = [dict(label="fp32 eager (PyTorch)", mb=n_params * 4 / 1e6, params=n_params, seconds=0.0, eager=model)]
-    fp32_path, _, fp32 = presso_row("fp32 ONNX Runtime", model, tokenizer, [], workdir, args)
+    calibration = ev.calibration_batches(tokenizer, n=args.calibration, seq_len=256, batch_size=8)
+    rows = [dict(label="fp32 eager (PyTorch)", mb=n_params * 4 / 1e6, params=n_params, seconds=0.0, eager=model,
+                 note="")]
+    fp32_path, _, fp32 = presso_row("fp32 ONNX Runtime", model, [], workdir, args)
     rows.append(fp32)
     layout = fp32["decoder"].layout
-    rows.append(ort_quantize_dynamic_row(fp32_path, layout, workdir, args))
-    # the per-tensor ablation exceeds the pass's stated tolerance; it is measured, not shipped
-    for label, options in [("presso quantize_dynamic_int8", {}),
-                           ("presso quantize_dynamic_int8 skip=lm_head", {"skip": ("lm_head",)}),
-                           ("presso quantize_dynamic_int8 activations=per_tensor (ablation)",
-                            {"activations": "per_tensor"})]:
-        rows.append(presso_row(label, model, tokenizer, [presso.make_pass("quantize_dynamic_int8", **options)],
-                               workdir, args, verify="ablation" not in label)[2])
+    feeds = peers.calibration_feeds(fp32["decoder"], calibration)
+    groups = args.groups.split(",")
+    if "int8" in groups:
+        rows += [onnx_peer_row(label, q, fp32_path, layout, workdir, feeds, args) for label, q in peers.ONNX_PEERS.items()]
+        rows += [eager_peer_row(label, q, model) for label, q in peers.EAGER_PEERS.items()]
+        rows += [presso_row(label, model, passes, workdir, args, calibration)[2] for label, passes in int8_recipes()]
+    if "int4" in groups:
+        rows += [onnx_peer_row(label, q, fp32_path, layout, workdir, feeds, args)
+                 for label, q in peers.onnx_int4_peers(args.group).items()]
+        rows += [presso_row(label, model, passes, workdir, args, calibration)[2]
+                 for label, passes in int4_recipes(args.group)]
     for row in rows:
+        if "failed" in row:
+            continue
         print(f"perplexity of {row['label']} ...", flush=True)
         row["ppl"] = ev.perplexity(row.get("eager") or row["decoder"], tokenizer, windows=args.windows)
-    measure_latency(rows, rounds=args.rounds)
+    measure_latency([r for r in rows if "failed" not in r], rounds=args.rounds)
     return rows
 
 
@@ -136,14 +186,17 @@ def measure_latency(rows: list[dict], rounds: int) -> None:
 
 def table(rows: list[dict]) -> str:
     base = rows[0]["ppl"]
-    ref_decode = next(r["decode"] for r in rows if r["label"] == "ORT quantize_dynamic (peer)")
-    lines = ["| pipeline | size on disk (MB) | parameters | perplexity | Δ ppl vs fp32 | prefill 128 tok (ms) "
-             "| decode (ms/token) | decode vs ORT peer | compress (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    fp32_prefill = rows[1]["prefill"]
+    lines = ["| pipeline | size (MB) | perplexity | Δ ppl vs fp32 | prefill 128 tok (ms) | prefill vs fp32 ORT "
+             "| decode (ms/token) | compress (s) | notes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        params = f"{r['params'] / 1e6:.1f}M" if r["params"] else "n/a"
-        lines.append(f"| {r['label']} | {r['mb']:.1f} | {params} | {r['ppl']:.2f} | {100 * (r['ppl'] / base - 1):+.1f}% "
-                     f"| {r['prefill']:.1f} | {r['decode']:.2f} | {r['decode'] / ref_decode:.2f}x | {r['seconds']:.0f} |")
+        if "failed" in r:
+            lines.append(f"| {r['label']} | | | | | | | {r['seconds']:.0f} | failed: {r['failed']} |")
+            continue
+        lines.append(f"| {r['label']} | {r['mb']:.1f} | {r['ppl']:.2f} | {100 * (r['ppl'] / base - 1):+.1f}% "
+                     f"| {r['prefill']:.1f} | {r['prefill'] / fp32_prefill:.2f}x | {r['decode']:.2f} "
+                     f"| {r['seconds']:.0f} | {r.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -160,6 +213,9 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="perplexity windows of 256 tokens (protocol: 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
+    parser.add_argument("--groups", default="int8,int4", help="row groups: int8, int4 or both")
+    parser.add_argument("--group", type=int, default=64, help="int4 group size for every int4 row")
+    parser.add_argument("--calibration", type=int, default=128, help="calibration sequences of 256 tokens")
     parser.add_argument("--out", help="write the markdown table here as well")
     args = parser.parse_args()
     rows = run(args)

@@ -59,7 +59,7 @@ def clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     for ratio in CLIP_RATIOS.tolist():
         scale, zero = group_params(_clipped(w, ratio, fmt), fmt)
         e = w - fake_quantize(w, scale[..., None], zero[..., None], fmt.levels)
-        err = torch.einsum("ngi,gij,ngj->ng", e, blocks, e)
+        err = (torch.bmm(e.transpose(0, 1), blocks) * e.transpose(0, 1)).sum(-1).t()  # e_g H_g e_g^T
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

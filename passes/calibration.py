@@ -80,8 +80,8 @@ class InputStats:
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
-        self.xtx.addmm_(x.t(), x)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.xtx += x.t() @ x  # float32 per batch (fast), float64 across batches (no drift)
         self.abs_sum += x.abs().sum(0)
         self.rows += x.shape[0]
 

@@ -35,7 +35,7 @@ class QuantizeWeightsConfig(PassConfig):
     bits: int = 4
     group_size: int = 128  # along the input dimension; -1: one scale per output channel
     symmetric: bool = True
-    method: Literal["rtn", "gptq", "awq"] = "rtn"
+    method: Literal["rtn", "gptq", "awq", "awq+gptq"] = "rtn"  # awq+gptq: AWQ scales, then GPTQ rounding
     skip: tuple[str, ...] = ()  # glob patterns on module paths, kept in float
     embeddings: Literal["none", "int8", "int4"] = "none"  # also quantize embedding tables
     keep_sensitive: int = 0  # this many most sensitive linears get sensitive_bits instead
@@ -129,7 +129,8 @@ def keep_sensitive(graph: Graph, chosen: dict[str, nn.Module], cfg: QuantizeWeig
 def calibrate_and_quantize(graph: Graph, chosen: dict[str, nn.Module], formats: dict[str, WeightFormat],
                            batches: list, cfg: QuantizeWeightsConfig) -> dict:
     """GPTQ or AWQ, one block at a time; returns stats (memory, AWQ alphas)."""
-    groups = find_scale_groups(graph) if cfg.method == "awq" else []
+    awq_scales = cfg.method.startswith("awq")
+    groups = find_scale_groups(graph) if awq_scales else []
     peak_inputs, alphas, hessian_bytes = 0, {}, 0
     for seg in segments(graph, chosen, batches):
         with StatsCollector(seg.linears) as collector:
@@ -137,12 +138,12 @@ def calibrate_and_quantize(graph: Graph, chosen: dict[str, nn.Module], formats: 
         stats = collector.stats
         hessian_bytes = max(hessian_bytes, sum(s.xtx.numel() * 8 for s in {id(s): s for s in stats.values()}.values()))
         peak_inputs = max(peak_inputs, seg.input_bytes)
-        if cfg.method == "awq":
+        if awq_scales:
             alphas.update(_awq_scales(graph, seg.linears, groups, collector, formats))
         for path, module in seg.linears.items():
             weight, bias = linear_weight(module)
             h = stats[path].hessian
-            if cfg.method == "gptq":
+            if cfg.method in ("gptq", "awq+gptq"):
                 q = gptq_quantize(weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order)
             else:
                 q = awq.clip_quantize(weight.float(), h, formats[path])

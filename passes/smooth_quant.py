@@ -23,7 +23,7 @@ from presso.passes.scale_groups import ScaleGroup, apply_scales, find_scale_grou
 from presso.runtime.int8 import quantize_per_channel_int8
 from presso.runtime.quant import quantize_activation_params
 
-SEARCH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+SEARCH_ALPHAS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
 SAMPLE_ROWS = 1024  # activation rows kept per group for the alpha search
 
 

@@ -122,15 +122,19 @@ class OrtDecoder:
         shape = (batch, self.layout.kv_heads, 0, self.layout.head_dim)
         return [np.zeros(shape, np.float32) for _ in self.layout.past_names]
 
-    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Run new tokens ``ids`` [batch, new] after ``past``; returns logits and the grown cache."""
+    def feed(self, ids: np.ndarray, past: list[np.ndarray]) -> dict[str, np.ndarray]:
+        """The session inputs for new tokens ``ids`` [batch, new] after the cache ``past``."""
         batch, new = ids.shape
         past_len = past[0].shape[2]
         feed = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((batch, past_len + new), np.int64)}
         if self.layout.position_ids:
             feed["position_ids"] = np.broadcast_to(np.arange(past_len, past_len + new), (batch, new)).copy()
         feed.update(zip(self.layout.past_names, past))
-        logits, *present = self.session.run(None, feed)
+        return feed
+
+    def step(self, ids: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Run new tokens ``ids`` [batch, new] after ``past``; returns logits and the grown cache."""
+        logits, *present = self.session.run(None, self.feed(ids, past))
         return logits, present
 
     def __call__(self, input_ids: torch.Tensor, **unused: Any) -> Any:
