@@ -157,6 +157,13 @@ def run(args) -> list[dict]:
         rows += [onnx_peer_row(label, q, fp32_path, layout, workdir, feeds, args) for label, q in peers.ONNX_PEERS.items()]
         rows += [eager_peer_row(label, q, model) for label, q in peers.EAGER_PEERS.items()]
         rows += [presso_row(label, model, passes, workdir, args, calibration)[2] for label, passes in int8_recipes()]
+    if "peers" in groups:  # the calibrated ONNX peers alone
+        rows += [onnx_peer_row(label, q, fp32_path, layout, workdir, feeds, args) for label, q in
+                 [("ORT quantize_static int8 QDQ (MinMax, per-channel)", peers.ort_quantize_static),
+                  *list(peers.onnx_int4_peers(args.group).items())[2:]]]
+    if "int8-weights" in groups:  # the rows that read 8-bit MatMulNBits
+        rows += [presso_row(label, model, passes, workdir, args, calibration)[2]
+                 for label, passes in int8_recipes()[2:] + int4_recipes(args.group)[3:]]
     if "int4" in groups:
         rows += [onnx_peer_row(label, q, fp32_path, layout, workdir, feeds, args)
                  for label, q in peers.onnx_int4_peers(args.group).items()]
@@ -213,7 +220,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64, help="perplexity windows of 256 tokens (protocol: 64)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved latency rounds")
-    parser.add_argument("--groups", default="int8,int4", help="row groups: int8, int4 or both")
+    parser.add_argument("--groups", default="int8,int4",
+                        help="row groups: int8, int4; also peers (calibrated ONNX peers), int8-weights")
     parser.add_argument("--group", type=int, default=64, help="int4 group size for every int4 row")
     parser.add_argument("--calibration", type=int, default=128, help="calibration sequences of 256 tokens")
     parser.add_argument("--out", help="write the markdown table here as well")

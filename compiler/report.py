@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
 
@@ -60,6 +59,8 @@ class Report(dict):
 
 
 def _short(value: Any) -> str:
+    if isinstance(value, dict) and len(value) > 3:
+        return f"{{{len(value)} entries}}"
     if isinstance(value, (list, tuple)):
         return f"[{len(value)} items]" if len(value) > 3 else str(list(value))
     if isinstance(value, float):

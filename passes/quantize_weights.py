@@ -13,14 +13,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes import awq
-from presso.passes.calibration import StatsCollector, peak_rss_bytes, segments, weight_of
+from presso.passes.calibration import StatsCollector, find_blocks, peak_rss_bytes, segments, weight_of
 from presso.passes.common import linear_weight
 from presso.passes.gptq import gptq_quantize
 from presso.passes.quantize_dynamic_int8 import select_linears
@@ -132,7 +132,9 @@ def calibrate_and_quantize(graph: Graph, chosen: dict[str, nn.Module], formats: 
     awq_scales = cfg.method.startswith("awq")
     groups = find_scale_groups(graph) if awq_scales else []
     peak_inputs, alphas, hessian_bytes = 0, {}, 0
-    for seg in segments(graph, chosen, batches):
+    progress = tqdm(segments(graph, chosen, batches), desc=f"quantize_weights ({cfg.method})", unit="block",
+                    total=len(find_blocks(graph.module)) or 1, leave=False)
+    for seg in progress:
         with StatsCollector(seg.linears) as collector:
             seg.run(collector)
         stats = collector.stats
