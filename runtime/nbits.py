@@ -7,6 +7,7 @@ which is what ``MatMulNBits`` computes at ``accuracy_level=0`` (4-bit).
 """
 from __future__ import annotations
 
+import onnx
 import onnxscript
 import torch
 from onnxscript import FLOAT, INT64
@@ -121,8 +122,6 @@ def _unpack_onnx(packed, bits: int):
 
 
 def _u8(value: int):
-    import onnx
-
     return onnx.helper.make_tensor("u8", onnx.TensorProto.UINT8, [], [value])
 
 
