@@ -168,3 +168,11 @@ def test_bad_static_options_are_refused():
         presso.make_pass("quantize_static_int8", observer="percentile", percentile=20.0)
     with pytest.raises(presso.ConfigError, match="alpha"):
         presso.make_pass("smooth_quant", alpha=1.5)
+
+
+@pytest.mark.parametrize("name", ["llama", "cnn"])
+def test_static_int8_alone_checks_numerics_and_leaves_the_model_unchanged(name):
+    model, example = build(name)
+    p = presso.make_pass("quantize_static_int8", observer="percentile")
+    compiled = check_pass(p, model, example, tolerance=0.06, calibration=calibration(name, example))
+    assert compiled.report["passes"][0]["stats"]["quantized"] > 0
