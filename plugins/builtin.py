@@ -10,11 +10,20 @@ from presso.plugins.hookspecs import hookimpl
 def presso_register_passes(registrar) -> None:
     from presso.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
     from presso.passes.quantize_static_int8 import QuantizeStaticInt8
+    from presso.passes.prune_structured import PruneStructured
     from presso.passes.quantize_weights import QuantizeWeights
     from presso.passes.smooth_quant import SmoothQuant
 
-    for p in (QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, SmoothQuant):
+    for p in (PruneStructured, QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, SmoothQuant):
         registrar.add_pass(p)
+
+
+@hookimpl
+def presso_register_importances(registrar) -> None:
+    from presso.passes.importance import BUILTIN_IMPORTANCES
+
+    for importance in BUILTIN_IMPORTANCES:
+        registrar.add_importance(importance)
 
 
 @hookimpl

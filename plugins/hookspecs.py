@@ -50,3 +50,12 @@ def presso_register_onnx_lowerings(registrar: "Registrar") -> None:
         ``torch.ops.presso.dynamic_int8_linear.default``); ``fn`` is an onnxscript function
         with the same arguments, used by ``torch.onnx.export``'s custom translation table.
     """
+
+
+@hookspec
+def presso_register_importances(registrar: "Registrar") -> None:
+    """Add pruning importances with ``registrar.add_importance(ImportanceClass)``.
+
+    :param registrar: records each :class:`presso.passes.importance.Importance` subclass
+        under its ``name``, the value of ``prune_structured(importance=...)``.
+    """

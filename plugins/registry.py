@@ -34,6 +34,7 @@ class Registry:
     passes: dict[str, type] = field(default_factory=dict)
     backends: dict[str, Callable] = field(default_factory=dict)
     onnx_lowerings: dict[Any, Callable] = field(default_factory=dict)
+    importances: dict[str, type] = field(default_factory=dict)
     sources: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     plugins: dict[str, str] = field(default_factory=dict)  # plugin -> version
     failures: list[PluginFailure] = field(default_factory=list)
@@ -57,6 +58,12 @@ class Registrar:
 
     def add_backend(self, name: str, lower: Callable) -> None:
         self._add("backend", name, lower, self._registry.backends)
+
+    def add_importance(self, importance_cls: type) -> None:
+        name = getattr(importance_cls, "name", None)
+        if not isinstance(name, str) or not name.isidentifier():
+            raise PluginError(f"plugin {self.plugin!r} registered {importance_cls!r} without a snake_case `name`")
+        self._add("importance", name, importance_cls, self._registry.importances)
 
     def add_onnx_lowering(self, op: Any, fn: Callable) -> None:
         self._add("onnx lowering", op, fn, self._registry.onnx_lowerings)
@@ -86,7 +93,8 @@ def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
     for name, plugin in (extra_plugins or {}).items():
         pm.register(plugin, name=name)
         registry.plugins[name] = "local"
-    for hook in ("presso_register_backends", "presso_register_onnx_lowerings", "presso_register_passes"):
+    for hook in ("presso_register_backends", "presso_register_onnx_lowerings", "presso_register_importances",
+                 "presso_register_passes"):
         for impl in getattr(pm.hook, hook).get_hookimpls():
             _call(impl, registry)
     return registry
