@@ -1,4 +1,4 @@
-"""The public entry points: ``compile``, ``make_pass``, ``list_passes``."""
+"""The public entry points: ``compile``, ``make_pass``, ``list_passes``, ``list_importances``."""
 from __future__ import annotations
 
 import copy
@@ -27,6 +27,11 @@ BACKEND_TOLERANCE = 1e-2
 def list_passes() -> list[str]:
     """Names of every registered pass, built-in and from plugins, sorted."""
     return sorted(get_registry().passes)
+
+
+def list_importances() -> list[str]:
+    """Names of every registered pruning importance (``prune_structured(importance=...)``), sorted."""
+    return sorted(get_registry().importances)
 
 
 def make_pass(name: str, **options: Any) -> Pass:

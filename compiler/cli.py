@@ -119,6 +119,8 @@ def cmd_passes(args: argparse.Namespace) -> int:
         cls = registry.passes[name]
         print(f"{name}  [{registry.source_of('pass', name)}]\n    {cls.summary}\n"
               f"    options: {describe_options(cls.Config) or '(none)'}")
+    print("importances (prune_structured importance=...): " + ", ".join(
+        f"{n} [{registry.source_of('importance', n)}]" for n in sorted(registry.importances)))
     for failure in registry.failures:
         print(f"warning: {failure}", file=sys.stderr)
     return 0

@@ -77,6 +77,8 @@ def build_dep_graph(graph: Graph) -> DepGraph:
             continue
         group = _make_group(key, family, param_dims, axes)
         if group.members:
+            taken = sum(g.name.split("#")[0] == group.name for g in groups)
+            group.name += f"#{taken + 1}" if taken else ""  # names key the keep decisions
             groups.append(group)
     frozen = {f"{p}:{d}": axes.frozen_reason(a) for p, dims in param_dims.items() for d, layout in enumerate(dims)
               for a in axes.atoms(layout) if axes.frozen_reason(a)}

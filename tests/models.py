@@ -109,6 +109,89 @@ class TinyViT(nn.Module):
         return self.head(x[:, 0])
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 / EfficientNet block: expand, depthwise, squeeze-excite (SiLU), project, residual."""
+
+    def __init__(self, c: int, expand: int = 4):
+        super().__init__()
+        h = c * expand
+        self.expand = nn.Sequential(nn.Conv2d(c, h, 1, bias=False), nn.BatchNorm2d(h), nn.ReLU6())
+        self.depthwise = nn.Sequential(nn.Conv2d(h, h, 3, padding=1, groups=h, bias=False), nn.BatchNorm2d(h),
+                                       nn.SiLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(h, h // 4, 1), nn.SiLU(), nn.Conv2d(h // 4, h, 1),
+                                nn.Sigmoid())
+        self.project = nn.Sequential(nn.Conv2d(h, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        h = self.depthwise(self.expand(x))
+        return x + self.project(h * self.se(h))
+
+
+class ConvNeXtBlock(nn.Module):
+    """Depthwise 7x7, channels-last LayerNorm, linear MLP, layer scale, residual."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dwconv = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        h = self.norm(self.dwconv(x).permute(0, 2, 3, 1))
+        h = self.gamma * self.pw2(nn.functional.gelu(self.pw1(h)))
+        return x + h.permute(0, 3, 1, 2)
+
+
+class DenseBlock(nn.Module):
+    """DenseNet: each layer's BN-ReLU-conv output is concatenated to its input."""
+
+    def __init__(self, c: int, growth: int = 8, layers: int = 2):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            nn.Sequential(nn.BatchNorm2d(c + i * growth), nn.ReLU(), nn.Conv2d(c + i * growth, growth, 3, padding=1))
+            for i in range(layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.cat([x, layer(x)], 1)
+        return x
+
+
+class RegNetBlock(nn.Module):
+    """Bottleneck with a grouped 3x3 conv and squeeze-excitation."""
+
+    def __init__(self, c: int, group_width: int = 8):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, groups=c // group_width, bias=False), nn.BatchNorm2d(c),
+                               nn.ReLU())
+        self.se = SqueezeExcite(c)
+        self.c = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return torch.relu(x + self.c(self.se(self.b(self.a(x)))))
+
+
+class TinyVisionZoo(nn.Module):
+    """The patterns of MobileNet/EfficientNet, ConvNeXt, DenseNet and RegNet in one small net."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.mbconv = InvertedResidual(16)
+        self.convnext = ConvNeXtBlock(16)
+        self.dense = DenseBlock(16)
+        self.transition = nn.Sequential(nn.BatchNorm2d(32), nn.Conv2d(32, 32, 1), nn.AvgPool2d(2))
+        self.regnet = RegNetBlock(32)
+        self.head = nn.Linear(32, classes)
+
+    def forward(self, x):
+        x = self.convnext(self.mbconv(self.stem(x)))
+        x = self.regnet(self.transition(self.dense(x)))
+        return self.head(x.mean((2, 3)))
+
+
 class TinyMLP(nn.Module):
     """A plain nn.Module returning a tuple."""
 
@@ -122,7 +205,7 @@ class TinyMLP(nn.Module):
 
 
 HF_MODELS = ["llama", "gpt2", "bert", "opt", "qwen2"]
-LOCAL_MODELS = ["cnn", "vit", "mlp"]
+LOCAL_MODELS = ["cnn", "vit", "mlp", "zoo"]
 
 
 def build(name: str) -> tuple[nn.Module, object]:
@@ -140,6 +223,8 @@ def build(name: str) -> tuple[nn.Module, object]:
         return TinyViT().eval(), torch.randn(2, 3, 32, 32)
     if name == "mlp":
         return TinyMLP().eval(), (torch.randn(4, 20), torch.tensor(2.0))
+    if name == "zoo":
+        return TinyVisionZoo().eval(), torch.randn(2, 3, 32, 32)
     raise KeyError(name)
 
 
@@ -148,6 +233,6 @@ def other_inputs(name: str, example) -> object:
     if name in HF_MODELS:
         ids = torch.randint(3, VOCAB, (3, 7))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if name == "bert" else ids
-    if name in ("cnn", "vit"):
+    if name in ("cnn", "vit", "zoo"):
         return torch.randn(3, 3, 32, 32)
     return (torch.randn(7, 20), torch.tensor(0.5))

@@ -17,7 +17,8 @@ from presso.testing import call, check_pass
 from models import build, other_inputs, small_llama
 
 TARGETS = {"llama": ("heads", "mlp", "hidden"), "qwen2": ("kv_heads", "mlp"), "gpt2": ("heads", "mlp", "hidden"),
-           "opt": ("heads", "mlp", "hidden"), "bert": ("heads", "mlp"), "cnn": ("channels",), "vit": ("mlp",)}
+           "opt": ("heads", "mlp", "hidden"), "bert": ("heads", "mlp"), "cnn": ("channels",), "vit": ("mlp",),
+           "zoo": ("channels", "hidden", "mlp")}
 
 
 def prune(**options):
@@ -63,6 +64,14 @@ def test_dimensions_that_must_stay_whole_are_reported():
     cnn = dep_graph(*build("cnn"))
     assert any("grouped convolution" in r for r in cnn.frozen.values())
     assert any(m.param == "depthwise.weight" for g in cnn.groups for m in g.members)  # cut with its input
+
+
+def test_vision_patterns_give_uniquely_named_channel_groups():
+    dep = dep_graph(*build("zoo"))
+    assert len({g.name for g in dep.groups}) == len(dep.groups)
+    cut_with_dense_concat = {(m.param, m.dim) for g in dep.groups for m in g.members}
+    assert ("transition.1.weight", 1) in cut_with_dense_concat  # reads cat([x, layer(x)])
+    assert any(g.family == "mlp" and g.name.startswith("mlp:convnext") for g in dep.groups)
 
 
 def _zero_heads(model, heads_by_layer, hd=8):
