@@ -76,6 +76,12 @@ def _jsonable(value: Any) -> Any:
 def _coerce(value: Any, tp: Any) -> Any:
     """Make JSON/CLI values fit the annotation: lists to tuples, ``"1"`` to 1 and so on."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and isinstance(value, str):  # "0.2" for float | None
+        for arg in typing.get_args(tp):
+            coerced = _coerce(value, arg)
+            if coerced is not value:
+                return coerced
+        return value
     if origin is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
     if origin is tuple and isinstance(value, str):

@@ -74,3 +74,15 @@ def test_make_pass_bad_option():
 
 def test_list_passes_has_builtins():
     assert "quantize_dynamic_int8" in presso.list_passes()
+
+
+def test_cli_strings_fit_optional_and_tuple_options():
+    p = presso.make_pass("prune_structured", target="heads,mlp", params_ratio="0.2", recover="true")
+    assert (p.config.target, p.config.params_ratio, p.config.ratio, p.config.recover) == (
+        ("heads", "mlp"), 0.2, None, True)
+    with pytest.raises(ConfigError, match="params_ratio"):
+        presso.make_pass("prune_structured", params_ratio="a fifth")
+
+
+def test_list_importances_has_builtins():
+    assert {"magnitude", "taylor", "activation"} <= set(presso.list_importances())
