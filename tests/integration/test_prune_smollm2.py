@@ -22,6 +22,7 @@ def test_heads_and_mlp_at_a_fifth_of_the_parameters_with_recovery(smollm2, tmp_p
         assert abs(stats["params_removed"] - 0.2) <= 0.01
         ppl[recover] = ev.perplexity(compiled, tokenizer, windows=2, progress=False)
     assert_unchanged(model, before)
+    assert (model.config.intermediate_size, model.config.num_attention_heads) == (1536, 9)  # the caller's config
     base = ev.perplexity(model, tokenizer, windows=2, progress=False)
     assert base < ppl[True] < ppl[False]
     assert (ppl[False] - base) > 1.25 * (ppl[True] - base)  # recovery closes more than a fifth of the gap
