@@ -59,7 +59,7 @@ class InputRecorder:
     def __init__(self, modules: dict[str, nn.Module], grams: set[str] = frozenset()):
         self.sq: dict[str, torch.Tensor] = {}
         self.gram: dict[str, torch.Tensor] = {}
-        self.rows = 0
+        self.rows: dict[str, int] = {}
         self._grams = grams
         self._handles = [m.register_forward_pre_hook(self._hook(p, m)) for p, m in modules.items()]
 
@@ -69,6 +69,7 @@ class InputRecorder:
             x = x.movedim(1, -1) if isinstance(module, nn.modules.conv._ConvNd) else x
             x = x.reshape(-1, x.shape[-1])
             self.sq[path] = self.sq.get(path, 0) + x.pow(2).sum(0)
+            self.rows[path] = self.rows.get(path, 0) + x.shape[0]
             if path in self._grams:
                 self.gram[path] = self.gram.get(path, 0) + x.t() @ x
         return hook

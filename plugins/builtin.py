@@ -13,8 +13,9 @@ def presso_register_passes(registrar) -> None:
     from presso.passes.prune_structured import PruneStructured
     from presso.passes.quantize_weights import QuantizeWeights
     from presso.passes.smooth_quant import SmoothQuant
+    from presso.passes.split_low_rank import SplitLowRank
 
-    for p in (PruneStructured, QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, SmoothQuant):
+    for p in (PruneStructured, QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, SmoothQuant, SplitLowRank):
         registrar.add_pass(p)
 
 

@@ -1,0 +1,165 @@
+"""``split_low_rank``: replace linears by two thin ones (in -> rank -> out) where that saves parameters.
+
+Policy: which layers (``targets``/``skip`` globs) and which rank each gets: a fixed
+``rank``, the ``energy`` of singular values kept, or a ``ratio`` of the selected layers'
+parameters removed, spread ``uniform`` (the same fraction per layer) or by ``sensitivity``
+(one threshold on every layer's relative truncation error, so layers that factor well give
+more). Mechanism: :mod:`presso.passes.low_rank` (``svd``, ``asvd``, ``whiten``). A layer
+whose rank would not save parameters (r (m + n) >= m n) is left alone and reported.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from presso.errors import ConfigError
+from presso.graph import Graph
+from presso.pass_api import Context, Pass, PassConfig, PassResult
+from presso.passes.common import linear_weight, matches
+from presso.passes.low_rank import Spectrum, break_even, input_transform, rank_for_energy, spectrum
+from presso.passes.prune_stats import record_inputs
+from presso.passes.quantize_dynamic_int8 import select_linears, tied_to_others
+
+
+@dataclass(frozen=True, kw_only=True)
+class SplitLowRankConfig(PassConfig):
+    ratio: float | None = None  # fraction of the selected layers' parameters removed
+    rank: int | None = None  # or: this rank for every selected layer
+    energy: float | None = None  # or: keep this fraction of each layer's squared singular values
+    method: Literal["svd", "asvd", "whiten"] = "whiten"
+    targets: tuple[str, ...] = ("*",)  # glob patterns on module paths, e.g. "*mlp*"
+    skip: tuple[str, ...] = ("lm_head",)
+    allocate: Literal["uniform", "sensitivity"] = "uniform"
+    round_to: int = 1  # ranks are multiples of this
+
+    def validate(self) -> None:
+        given = [n for n in ("ratio", "rank", "energy") if getattr(self, n) is not None]
+        if len(given) != 1:
+            raise ConfigError("give exactly one of ratio=, rank= or energy=",
+                              hint="e.g. split_low_rank(ratio=0.2, targets=('*mlp*',), method='whiten')")
+        if self.ratio is not None and not 0 < self.ratio < 1:
+            raise ConfigError(f"ratio {self.ratio} must be in (0, 1)")
+        if self.energy is not None and not 0 < self.energy <= 1:
+            raise ConfigError(f"energy {self.energy} must be in (0, 1]")
+        if self.rank is not None and self.rank < 1 or self.round_to < 1:
+            raise ConfigError("rank and round_to must be >= 1")
+        if self.allocate == "sensitivity" and self.ratio is None:
+            raise ConfigError("allocate='sensitivity' spreads a ratio= budget", hint="give ratio=")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "svd"
+
+
+class LowRankLinear(nn.Sequential):
+    """``first`` (in -> rank, no bias) then ``second`` (rank -> out, with the original bias)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
+        first = nn.Linear(a.shape[1], a.shape[0], bias=False)
+        second = nn.Linear(b.shape[1], b.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            first.weight.copy_(a)
+            second.weight.copy_(b)
+            if bias is not None:
+                second.bias.copy_(bias)
+        super().__init__(OrderedDict(first=first, second=second))
+        self.in_features, self.out_features, self.rank = a.shape[1], b.shape[0], a.shape[0]
+
+
+class SplitLowRank(Pass):
+    name = "split_low_rank"
+    Config = SplitLowRankConfig
+    summary = "Factor linears into two thin ones (SVD, activation-aware ASVD, or SVD-LLM whitening)."
+    provides = frozenset({"low_rank"})
+    invalidates = frozenset({"quantized"})
+    max_rel_error = 4.0  # lossy by design (perplexity measures the cost); this catches a blown-up model
+
+    @property
+    def requires(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"calibration"}) if self.config.needs_calibration else frozenset()
+
+    def run(self, graph: Graph, ctx: Context) -> PassResult:
+        cfg = self.config
+        chosen, _ = select_linears(graph, cfg.skip)
+        chosen = {p: m for p, m in chosen.items() if matches(p, cfg.targets)}
+        for path in tied_to_others(graph.module, chosen):
+            chosen.pop(path)
+        if not chosen:
+            raise ConfigError(f"no linear matches targets {list(cfg.targets)} (minus skip {list(cfg.skip)})",
+                              hint="targets are glob patterns on module paths, e.g. '*mlp*' or 'model.layers.*.mlp.*'")
+        spectra = self._spectra(graph, ctx, chosen)
+        ranks = self._ranks(chosen, spectra)
+        done, left = {}, {}
+        for path, module in chosen.items():
+            m, n = linear_weight(module)[0].shape
+            if ranks[path] > break_even(m, n):
+                left[path] = f"rank {ranks[path]} would not save parameters (break-even {break_even(m, n)})"
+                continue
+            a, b = spectra[path].factors(ranks[path])
+            graph.module.set_submodule(path, LowRankLinear(a, b, linear_weight(module)[1]))
+            done[path] = ranks[path]
+        before = sum(math.prod(linear_weight(m)[0].shape) for m in chosen.values())
+        after = sum(r * sum(linear_weight(chosen[p])[0].shape) for p, r in done.items()) + \
+            sum(math.prod(linear_weight(chosen[p])[0].shape) for p in left)
+        return PassResult(graph, bool(done), {"factored": done, "left_alone": left, "method": cfg.method,
+                                              "params_removed_in_selected": 1 - after / before})
+
+    def _spectra(self, graph: Graph, ctx: Context, chosen: dict[str, nn.Module]) -> dict[str, Spectrum]:
+        method = self.config.method
+        stats = None
+        if method != "svd":
+            stats = record_inputs(graph, ctx, chosen, grams=set(chosen) if method == "whiten" else set(),
+                                  desc=f"split_low_rank: {method} statistics")
+        out = {}
+        for path, module in chosen.items():
+            w = linear_weight(module)[0]
+            m, m_inv = input_transform(method, w.shape[1], stats and stats.gram.get(path),
+                                       stats and stats.sq.get(path), stats.rows.get(path, 1) if stats else 1)
+            out[path] = spectrum(w, m, m_inv)
+        return out
+
+    def _ranks(self, chosen: dict[str, nn.Module], spectra: dict[str, Spectrum]) -> dict[str, int]:
+        cfg = self.config
+        shapes = {p: tuple(linear_weight(m)[0].shape) for p, m in chosen.items()}
+        if cfg.rank is not None:
+            return {p: cfg.rank for p in chosen}
+        if cfg.energy is not None:
+            return {p: _round_up(rank_for_energy(spectra[p].s, cfg.energy), cfg.round_to) for p in chosen}
+        if cfg.allocate == "uniform":
+            return {p: max(cfg.round_to, _round_down(round((1 - cfg.ratio) * m * n / (m + n)), cfg.round_to))
+                    for p, (m, n) in shapes.items()}
+        return sensitivity_ranks(spectra, shapes, cfg.ratio, cfg.round_to)
+
+
+def _round_up(r: int, step: int) -> int:
+    return -(-r // step) * step
+
+
+def _round_down(r: int, step: int) -> int:
+    return max(step, r // step * step)
+
+
+def sensitivity_ranks(spectra: dict[str, Spectrum], shapes: dict[str, tuple[int, int]], ratio: float,
+                      round_to: int) -> dict[str, int]:
+    """One threshold on relative truncation error for every layer, bisected to meet ``ratio``."""
+    rel = {p: (s.s ** 2) / (s.s ** 2).sum().clamp(min=1e-30) for p, s in spectra.items()}
+    total = sum(m * n for m, n in shapes.values())
+
+    def ranks_at(log_t: float) -> dict[str, int]:
+        return {p: _round_up(max(1, int((r >= 10 ** log_t).sum())), round_to) for p, r in rel.items()}
+
+    def removed(ranks: dict[str, int]) -> float:
+        kept = sum(min(m * n, ranks[p] * (m + n)) if ranks[p] <= break_even(m, n) else m * n
+                   for p, (m, n) in shapes.items())
+        return 1 - kept / total
+
+    lo, hi = -12.0, 0.0  # log10 thresholds: keep (almost) all, keep one
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if removed(ranks_at(mid)) < ratio else (lo, mid)
+    return ranks_at(hi)

@@ -1,0 +1,104 @@
+"""split_low_rank: factorization math, rank policies, export parity, composition, errors."""
+import pytest
+import torch
+
+import presso
+from presso.errors import ConfigError, PassError
+from presso.numerics import rel_error
+from presso.passes.low_rank import break_even, input_transform, spectrum
+from presso.passes.split_low_rank import LowRankLinear
+from presso.testing import call, check_pass
+
+from models import build, other_inputs
+
+
+def correlated_inputs(n=32, rows=2048):
+    torch.manual_seed(0)
+    return torch.randn(rows, n) @ torch.randn(n, n) * torch.linspace(0.1, 3, n)
+
+
+@pytest.mark.parametrize("method", ["svd", "asvd", "whiten"])
+def test_factors_reproduce_the_weight_at_full_rank(method):
+    x, w = correlated_inputs(), torch.randn(24, 32)
+    m, m_inv = input_transform(method, 32, x.t() @ x, x.pow(2).sum(0), x.shape[0])
+    a, b = spectrum(w, m, m_inv).factors(24)
+    assert torch.allclose(b @ a, w, atol=1e-4)
+
+
+def test_whitened_truncation_error_is_the_dropped_spectrum_and_beats_plain_svd():
+    x, w = correlated_inputs(), torch.randn(24, 32)
+    rank = 8
+    errors = {}
+    for method in ("svd", "whiten"):
+        m, m_inv = input_transform(method, 32, x.t() @ x, None, x.shape[0])
+        spec = spectrum(w, m, m_inv)
+        a, b = spec.factors(rank)
+        errors[method] = float((x @ (b @ a).t() - x @ w.t()).pow(2).sum())
+        if method == "whiten":
+            assert errors[method] == pytest.approx(float(spec.s[rank:].pow(2).sum()), rel=1e-3)
+    assert errors["whiten"] < errors["svd"]
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "opt", "vit"])
+def test_factored_models_export_and_match_in_onnx_runtime(name):
+    model, example = build(name)
+    calibration = [other_inputs(name, example) for _ in range(4)]
+    p = presso.make_pass("split_low_rank", ratio=0.3, method="whiten", allocate="sensitivity")
+    compiled = check_pass(p, model, example, tolerance=p.max_rel_error, calibration=calibration,
+                          backend="onnxruntime")
+    stats = compiled.report["passes"][0]["stats"]
+    assert stats["params_removed_in_selected"] == pytest.approx(0.3, abs=0.03)
+    assert any(isinstance(m, LowRankLinear) for m in compiled.module.modules())
+    assert compiled.report["backend_rel_error"] < 1e-5
+
+
+def test_uniform_ratio_with_round_to_and_targets():
+    model, example = build("llama")
+    compiled = presso.compile(model, [presso.make_pass("split_low_rank", ratio=0.5, method="svd",
+                                                       targets=("*mlp*",), round_to=4)], example_inputs=example)
+    factored = compiled.report["passes"][0]["stats"]["factored"]
+    assert factored and all("mlp" in p for p in factored) and all(r % 4 == 0 for r in factored.values())
+    assert isinstance(compiled.module.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert isinstance(compiled.module.model.layers[0].self_attn.q_proj, torch.nn.Linear)
+
+
+def test_a_layer_that_would_grow_is_left_alone_and_reported():
+    model, example = build("llama")
+    compiled = presso.compile(model, [presso.make_pass("split_low_rank", rank=18, method="svd")],
+                              example_inputs=example)
+    stats = compiled.report["passes"][0]["stats"]
+    assert "model.layers.0.self_attn.q_proj" in stats["left_alone"]  # 32 x 32: break-even rank 15
+    assert break_even(32, 32) == 15
+    assert stats["factored"]["model.layers.0.mlp.up_proj"] == 18  # 64 x 32: break-even 21
+    assert "would not save parameters" in stats["left_alone"]["model.layers.0.self_attn.q_proj"]
+
+
+def test_energy_option_and_composition_with_weight_quantization():
+    model, example = build("llama")
+    calibration = [other_inputs("llama", example) for _ in range(2)]
+    passes = [presso.make_pass("split_low_rank", energy=0.9, method="asvd", targets=("*mlp*",)),
+              presso.make_pass("quantize_weights", bits=8, group_size=-1)]
+    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration)
+    assert [p["name"] for p in compiled.report["passes"]] == ["split_low_rank", "quantize_weights"]
+    assert rel_error(call(compiled, example), call(model, example)) < 4
+
+
+@pytest.mark.parametrize("options, error, message", [
+    (dict(), ConfigError, "exactly one of ratio"),
+    (dict(ratio=0.2, rank=4), ConfigError, "exactly one of ratio"),
+    (dict(ratio=1.2), ConfigError, "must be in"),
+    (dict(rank=4, allocate="sensitivity"), ConfigError, "spreads a ratio"),
+    (dict(ratio=0.2, method="qr"), ConfigError, "method"),
+])
+def test_bad_options(options, error, message):
+    with pytest.raises(error, match=message):
+        presso.make_pass("split_low_rank", **options)
+
+
+def test_missing_targets_and_calibration_are_named():
+    model, example = build("llama")
+    with pytest.raises(ConfigError, match="no linear matches targets"):
+        presso.compile(model, [presso.make_pass("split_low_rank", ratio=0.2, method="svd", targets=("*conv*",))],
+                       example_inputs=example)
+    with pytest.raises(PassError, match="requires calibration"):
+        presso.compile(model, [presso.make_pass("split_low_rank", ratio=0.2, method="whiten")], example_inputs=example)
