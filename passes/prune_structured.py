@@ -92,7 +92,7 @@ class PruneStructured(Pass):
                  "params_after": count_params(graph.module), "skipped": skipped, "frozen": _frozen_summary(dep),
                  "removed": _removed_units(groups, decisions)}
         stats["params_removed"] = 1 - stats["params_after"] / total
-        stats["config"] = update_config(graph.module, _widths(groups, decisions))
+        stats["config"] = update_config(graph.module, _widths(dep.by_family(*cfg.target), decisions))
         if refit is not None:
             graph.invalidate()
             stats["calibration_loss_before_recovery"] = calibration_loss(graph, ctx)
@@ -147,7 +147,9 @@ def _removed_units(groups: list[DepGroup], decisions) -> dict[str, str]:
 
 
 def _widths(groups: list[DepGroup], decisions) -> dict[str, set[int]]:
+    """Each family's widths after the cut, groups left whole (protected, skipped) included."""
     widths: dict[str, set[int]] = {}
     for g in groups:
-        widths.setdefault(g.family, set()).add(int(decisions[g.name].sum()))
+        kept = int(decisions[g.name].sum()) if g.name in decisions else g.size
+        widths.setdefault(g.family, set()).add(kept)
     return widths

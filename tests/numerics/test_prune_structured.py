@@ -148,7 +148,9 @@ def test_protected_modules_keep_their_groups():
                               example_inputs=example)
     layers = compiled.module.model.layers
     assert layers[0].mlp.up_proj.out_features == 64 and layers[1].mlp.up_proj.out_features == 32
-    assert compiled.report["passes"][0]["stats"]["skipped"] == {"mlp:model.layers.0.mlp": "protected"}
+    stats = compiled.report["passes"][0]["stats"]
+    assert stats["skipped"] == {"mlp:model.layers.0.mlp": "protected"}
+    assert "mlp: layers differ ([32, 64])" in stats["config"]["not_expressible"]
 
 
 def test_least_squares_refit_beats_dropping_columns():
