@@ -75,7 +75,8 @@ def torch_pruning_row(reference: dict, workdir: Path, threads: int) -> dict:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=TP_TIMEOUT)
     except subprocess.TimeoutExpired as exc:
         stack = exc.stderr.decode() if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        where = [ln.strip() for ln in stack.splitlines() if "torch_pruning" in ln][:1] or ["?"]
+        frames = [ln.strip() for ln in stack.splitlines() if ln.strip().startswith("File") and "torch_pruning" in ln]
+        where = frames[:1] or ["?"]  # faulthandler prints the innermost frame first
         return dict(label=label, failed=f"did not finish in {TP_TIMEOUT} s; busy in {where[0]}",
                     seconds=time.perf_counter() - start)
     result = next((json.loads(ln) for ln in done.stdout.splitlines() if ln.startswith("{")), None)
