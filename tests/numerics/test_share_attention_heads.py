@@ -10,11 +10,11 @@ from presso.testing import call, check_pass
 
 from models import build, other_inputs
 
-CASES = [("llama", 1), ("qwen2", 1), ("gpt2", 2), ("bert", 2)]
+CASES = [("llama", 1, "similarity", "lstsq"), ("qwen2", 1, "adjacent", "mean"), ("gpt2", 2, "similarity", "lstsq"),
+         ("gpt2", 2, "adjacent", "mean"), ("bert", 2, "similarity", "lstsq")]
 
 
-@pytest.mark.parametrize("name, kv_heads", CASES)
-@pytest.mark.parametrize("grouping, merge", [("adjacent", "mean"), ("similarity", "lstsq")])
+@pytest.mark.parametrize("name, kv_heads, grouping, merge", CASES)
 def test_fewer_kv_heads_run_export_and_match_in_onnx_runtime(name, kv_heads, grouping, merge):
     model, example = build(name)
     calibration = [other_inputs(name, example) for _ in range(4)]
