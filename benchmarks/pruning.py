@@ -33,6 +33,8 @@ def recipes(ratios: list[float]) -> list[tuple[str, float, dict]]:
     both = ("heads", "mlp")
     rows = [(f"presso heads+mlp {r:.0%} activation", r, dict(target=both)) for r in ratios]
     rows += [(f"presso heads+mlp {r:.0%} activation + recover", r, dict(target=both, recover=True)) for r in ratios]
+    rows += [(f"presso mlp {r:.0%} activation", r, dict(target=("mlp",))) for r in ratios if r != 0.2]
+    rows += [("presso heads 7% activation", 0.066, dict(target=("heads",)))]  # a third of the heads
     rows += [("presso mlp 20% activation", 0.2, dict(target=("mlp",))),
              ("presso mlp 20% activation + recover", 0.2, dict(target=("mlp",), recover=True)),
              ("presso heads+mlp 20% taylor", 0.2, dict(target=both, importance="taylor")),
@@ -100,7 +102,8 @@ def run(args) -> list[dict]:
                  decoder=presso.runtime.load(path, providers=["CPUExecutionProvider"], threads=args.threads),
                  note="")]
     ratios = [float(r) for r in args.ratios.split(",")]
-    for label, ratio, options in recipes(ratios):
+    chosen = [r for r in recipes(ratios) if not args.only or any(k in r[0] for k in args.only.split(","))]
+    for label, ratio, options in chosen:
         rows.append(presso_row(label, model, ratio, options, calibration, workdir, args.threads))
     reference = next((r for r in rows if r["label"] == "presso heads+mlp 20% activation"), None)
     if reference is not None and not args.skip_peer:
@@ -166,6 +169,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--calibration", type=int, default=128, help="calibration sequences of 256 tokens")
     parser.add_argument("--skip-peer", action="store_true", help="leave out Torch-Pruning")
+    parser.add_argument("--only", help="comma-separated label fragments: run only those rows (and fp32)")
     parser.add_argument("--plot", type=Path, help="write perplexity vs parameters removed here (PNG)")
     parser.add_argument("--out", help="write the markdown table here as well")
     parser.add_argument("--json", type=Path, help="write the rows here (for replotting)")
