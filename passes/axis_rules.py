@@ -144,14 +144,11 @@ def reduction(r, node, out, where):
     src, shape = r.of(node.args[0]), shape_of(node.args[0])
     if out is None or src is None or isinstance(out[0], list):
         return False
-    dims = node.args[1] if len(node.args) > 1 and isinstance(node.args[1], (list, tuple)) else \
-        [node.args[1]] if len(node.args) > 1 and isinstance(node.args[1], int) else list(range(len(shape)))
+    arg = node.args[1] if len(node.args) > 1 else None  # the reduced dims; absent: all of them
+    dims = arg if isinstance(arg, (list, tuple)) else [arg] if isinstance(arg, int) else range(len(shape))
     reduced = {d % len(shape) for d in dims}
     kept = [i for i in range(len(shape)) if i not in reduced]
-    if len(out) == len(shape):  # keepdim
-        kept_out = kept
-    else:
-        kept_out = list(range(len(out)))
+    kept_out = kept if len(out) == len(shape) else range(len(out))  # keepdim keeps the positions
     for i, j in zip(kept, kept_out):
         r.axes.unify(src[i], out[j], where)
 

@@ -125,7 +125,7 @@ def similar_groups(similarity: torch.Tensor, new: int) -> list[list[int]]:
     return groups
 
 
-def kv_outputs(graph: Graph, ctx: Context, views: list[AttentionView]) -> dict[str, torch.Tensor]:
+def kv_similarity(graph: Graph, ctx: Context, views: list[AttentionView]) -> dict[str, torch.Tensor]:
     """Per attention: cosine similarity of the kv heads' key and value outputs on calibration data.
 
     With ``G = X^T X`` of the projection's input, ``<K_a, K_b> = tr(W_a G W_b^T)``: no
@@ -147,8 +147,8 @@ def kv_outputs(graph: Graph, ctx: Context, views: list[AttentionView]) -> dict[s
     return out
 
 
-def block_outputs(graph: Graph, ctx: Context, views: list[AttentionView]) -> nn.Module:
-    """The untouched model, kept to give the refit its targets."""
+def original_copy(graph: Graph) -> nn.Module:
+    """The model before any merge, kept to give the refit its targets."""
     return copy.deepcopy(graph.module)
 
 

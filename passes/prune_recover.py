@@ -19,7 +19,6 @@ from torch import nn
 from presso.graph import Graph
 from presso.pass_api import Context
 from presso.passes.common import is_linear
-from presso.passes.dep_groups import DepGraph
 from presso.passes.prune_stats import record_inputs
 
 DAMP = 0.01  # fraction of the mean diagonal added to G[k, k]
@@ -52,7 +51,7 @@ def refit_weight(weight: torch.Tensor, gram: torch.Tensor, keep: torch.Tensor) -
     return torch.linalg.solve(g_kk, (weight.double() @ rhs).t()).t().float()
 
 
-def prepare(graph: Graph, ctx: Context, dep: DepGraph, masks: dict) -> Refit:
+def prepare(graph: Graph, ctx: Context, masks: dict) -> Refit:
     """Before the cut: Gram matrices of every linear whose input dimension will shrink."""
     targets, keep, original = {}, {}, {}
     for name, dims in masks.items():

@@ -86,7 +86,7 @@ class PruneStructured(Pass):
         decisions, unit_ratio = prune_policy.decide(groups, scores, dep, scope=cfg.scope, round_to=cfg.round_to,
                                                     ratio=cfg.ratio, params_ratio=cfg.params_ratio, total_params=total)
         masks = keep_masks(dep, decisions)
-        refit = prune_recover.prepare(graph, ctx, dep, masks) if cfg.recover else None
+        refit = prune_recover.prepare(graph, ctx, masks) if cfg.recover else None
         apply_masks(graph.module, dep, masks)
         stats = {"groups": len(groups), "unit_ratio": round(unit_ratio, 4), "params_before": total,
                  "params_after": count_params(graph.module), "skipped": skipped, "frozen": _frozen_summary(dep),

@@ -59,14 +59,14 @@ class ShareAttentionHeads(Pass):
             self._check(v)
         if all(v.kv_heads == cfg.kv_heads for v in views):
             return PassResult(graph, False, {"kv_heads": cfg.kv_heads, "note": "already at this many kv heads"})
-        outputs = head_merge.kv_outputs(graph, ctx, views) if cfg.grouping == "similarity" else {}
-        targets = head_merge.block_outputs(graph, ctx, views) if cfg.merge == "lstsq" else None
+        similarity = head_merge.kv_similarity(graph, ctx, views) if cfg.grouping == "similarity" else {}
+        original = head_merge.original_copy(graph) if cfg.merge == "lstsq" else None
         groups = {}
         for v in views:
-            groups[v.path] = (head_merge.similar_groups(outputs[v.path], cfg.kv_heads) if outputs
+            groups[v.path] = (head_merge.similar_groups(similarity[v.path], cfg.kv_heads) if similarity
                               else head_merge.adjacent_groups(v.kv_heads, cfg.kv_heads))
             v.merge(groups[v.path])
-        refit = head_merge.refit_outputs(graph, ctx, views, targets) if targets is not None else []
+        refit = head_merge.refit_outputs(graph, ctx, views, original) if original is not None else []
         return PassResult(graph, True, {"kv_heads": cfg.kv_heads, "attentions": len(views), "groups": groups,
                                         "refit": refit, "config": _update_config(graph.module, cfg.kv_heads)})
 
