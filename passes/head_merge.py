@@ -14,14 +14,10 @@ from torch import nn
 
 from presso.graph import Graph
 from presso.pass_api import Context
+from presso.passes.common import linear_weight
 from presso.passes.prune_stats import record_inputs
 
 DAMP = 0.01
-
-
-def _get(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    w = m.weight.detach()
-    return (w.t() if type(m).__name__ == "Conv1D" else w), (m.bias.detach() if m.bias is not None else None)
 
 
 def _set(m: nn.Module, w: torch.Tensor, b: torch.Tensor | None) -> None:
@@ -50,12 +46,12 @@ class AttentionView:
 
     def kv_matrices(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         if self.kind == "fused":
-            w, b = _get(self.q)
+            w, b = linear_weight(self.q)
             e, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
             cut = lambda t: (t[e:e + kv], t[e + kv:e + 2 * kv]) if t is not None else (None, None)  # noqa: E731
             (wk, wv), (bk, bv) = cut(w), cut(b)
             return wk, wv, bk, bv
-        (wk, bk), (wv, bv) = _get(self.k), _get(self.v)
+        (wk, bk), (wv, bv) = linear_weight(self.k), linear_weight(self.v)
         return wk, wv, bk, bv
 
     def merge(self, groups: list[list[int]]) -> None:
@@ -66,7 +62,7 @@ class AttentionView:
         wk, wv, bk, bv = self.kv_matrices()
         mean = lambda t: None if t is None else torch.cat(  # noqa: E731
             [t.view(self.kv_heads, hd, *t.shape[1:])[g].mean(0) for g in groups])
-        wq, bq = _get(self.q)
+        wq, bq = linear_weight(self.q)
         e = self.heads * hd
         wq, bq = wq[:e][rows], (bq[:e][rows] if bq is not None else None)
         if self.kind == "fused":
@@ -77,7 +73,7 @@ class AttentionView:
             _set(self.q, wq, bq)
             _set(self.k, mean(wk), mean(bk))
             _set(self.v, mean(wv), mean(bv))
-        wo, bo = _get(self.o)
+        wo, bo = linear_weight(self.o)
         _set(self.o, wo[:, rows], bo)
         self.kv_heads = len(groups)
         self.module.num_key_value_groups = self.heads // self.kv_heads
@@ -100,9 +96,9 @@ def attention_views(root: nn.Module) -> list[AttentionView]:
             q, k, v, o, kind = m.c_attn, None, None, m.c_proj, "fused"
         else:
             continue
-        heads = _get(o)[0].shape[1] // hd
+        heads = linear_weight(o)[0].shape[1] // hd
         kv = heads if kind == "fused" and not isinstance(getattr(m, "split_size", 0), list) else \
-            (_get(k)[0].shape[0] // hd if k is not None else (_get(q)[0].shape[0] // hd - heads) // 2)
+            (linear_weight(k)[0].shape[0] // hd if k is not None else (linear_weight(q)[0].shape[0] // hd - heads) // 2)
         views.append(AttentionView(path, m, kind, q, k, v, o, heads, kv, hd))
     return views
 
@@ -178,10 +174,10 @@ def refit_outputs(graph: Graph, ctx: Context, views: list[AttentionView], origin
         for h in hooks:
             h.remove()
     for v in views:
-        w, b = _get(v.o)
+        w, b = linear_weight(v.o)
         g = ztz[v.path]
         g = g + torch.eye(len(g), dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12)
-        w_old = _get(old_views[v.path].o)[0].double()
+        w_old = linear_weight(old_views[v.path].o)[0].double()
         _set(v.o, torch.linalg.solve(g, (w_old @ z0tz[v.path]).t()).t().float(), b)
     return [v.path for v in views]
 
