@@ -161,7 +161,6 @@ class Pass:
     name: ClassVar[str]
     Config: ClassVar[type[PassConfig]] = PassConfig
     summary: ClassVar[str] = ""
-    requires: ClassVar[frozenset[str]] = frozenset()
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     max_rel_error: ClassVar[float | None] = None
@@ -174,6 +173,12 @@ class Pass:
         elif not isinstance(config, self.Config):
             raise ConfigError(f"pass {self.name!r} takes a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """Facts needed first: ``calibration`` when the config ``needs_calibration`` (a class may
+        instead set ``requires = frozenset({...})``)."""
+        return frozenset({"calibration"}) if getattr(self.config, "needs_calibration", False) else frozenset()
 
     def run(self, graph: Any, ctx: Context) -> PassResult:  # pragma: no cover - abstract
         raise NotImplementedError

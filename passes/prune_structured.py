@@ -58,6 +58,10 @@ class PruneStructuredConfig(PassConfig):
     def needs(self) -> frozenset[str]:
         return get_registry().importances[self.importance].needs
 
+    @property
+    def needs_calibration(self) -> bool:
+        return self.recover or bool(self.needs)
+
 
 class PruneStructured(Pass):
     name = "prune_structured"
@@ -67,9 +71,6 @@ class PruneStructured(Pass):
     invalidates = frozenset({"smoothed", "quantized"})
     max_rel_error = 4.0  # lossy by design (perplexity measures the cost); this catches a blown-up model
 
-    @property
-    def requires(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.recover or self.config.needs else frozenset()
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         cfg = self.config

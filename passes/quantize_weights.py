@@ -71,9 +71,6 @@ class QuantizeWeights(Pass):
     provides = frozenset({"quantized"})
     max_rel_error = 0.5  # int4 weights on every layer of a random model; real models move far less
 
-    @property
-    def requires(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.needs_calibration else frozenset()
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         cfg = self.config

@@ -45,9 +45,6 @@ class ShareAttentionHeads(Pass):
     invalidates = frozenset({"quantized"})
     max_rel_error = 4.0  # lossy by design (perplexity measures the cost); this catches a blown-up model
 
-    @property
-    def requires(self) -> frozenset[str]:  # type: ignore[override]
-        return frozenset({"calibration"}) if self.config.needs_calibration else frozenset()
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         cfg = self.config
