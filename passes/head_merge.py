@@ -14,6 +14,7 @@ from torch import nn
 
 from presso.graph import Graph
 from presso.pass_api import Context
+from presso.passes import shared_kv_attention
 from presso.passes.common import linear_weight
 from presso.passes.prune_stats import record_inputs
 
@@ -79,6 +80,8 @@ class AttentionView:
         self.module.num_key_value_groups = self.heads // self.kv_heads
         if hasattr(self.module, "num_key_value_heads"):
             self.module.num_key_value_heads = self.kv_heads
+        if shared_kv_attention.needs_adapter(self.module):
+            shared_kv_attention.adapt(self.module, self.kv_heads)
 
 
 def attention_views(root: nn.Module) -> list[AttentionView]:
@@ -89,6 +92,8 @@ def attention_views(root: nn.Module) -> list[AttentionView]:
             continue
         if all(hasattr(m, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             q, k, v, o, kind = m.q_proj, m.k_proj, m.v_proj, m.o_proj, "separate"
+        elif shared_kv_attention.needs_adapter(m):
+            q, k, v, o, kind = m.q_proj, m.k_proj, m.v_proj, m.out_proj, "separate"
         elif all(hasattr(m, n) for n in ("query", "key", "value")) and path.endswith(".self"):
             q, k, v, kind = m.query, m.key, m.value, "separate"
             o = root.get_submodule(path.rsplit(".", 1)[0]).output.dense  # BERT: the sibling BertSelfOutput

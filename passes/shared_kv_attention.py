@@ -1,0 +1,52 @@
+"""Attention modules whose Hugging Face code cannot hold fewer kv heads, made to.
+
+OPT's attention reshapes keys and values with ``num_heads``, so after merging kv heads it
+would fail. :func:`adapt` switches such a module to a subclass whose forward reshapes with
+``num_key_value_heads``, updates the cache with the shared heads only (a smaller KV cache),
+then repeats them for the attention kernel. Weights and the state dict are unchanged.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+
+
+def _repeat(t: torch.Tensor, groups: int) -> torch.Tensor:
+    return t if groups == 1 else t.repeat_interleave(groups, dim=1)
+
+
+def _opt_forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+    from transformers.models.opt import modeling_opt
+
+    bsz, tgt_len, _ = hidden_states.size()
+    shape = (bsz, -1, self.num_key_value_heads, self.head_dim)
+    query = (self.q_proj(hidden_states) * self.scaling).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
+    key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+    value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+    if past_key_values is not None:
+        key, value = past_key_values.update(key, value, self.layer_idx)
+    groups = self.num_heads // self.num_key_value_heads
+    interface = modeling_opt.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                                   modeling_opt.eager_attention_forward)
+    out, weights = interface(self, query, _repeat(key, groups), _repeat(value, groups), attention_mask,
+                             dropout=0.0 if not self.training else self.dropout, scaling=1.0, **kwargs)
+    return self.out_proj(out.reshape(bsz, tgt_len, -1).contiguous()), weights
+
+
+@functools.cache
+def _shared_kv_class(base: type) -> type:
+    return type(f"SharedKV{base.__name__}", (base,), {"forward": _opt_forward, "__module__": __name__})
+
+
+def needs_adapter(module: nn.Module) -> bool:
+    return any(c.__name__ == "OPTAttention" for c in type(module).__mro__)
+
+
+def adapt(module: nn.Module, kv_heads: int) -> None:
+    """Make ``module`` run with ``kv_heads`` shared heads (it repeats them itself)."""
+    if not type(module).__name__.startswith("SharedKV"):
+        module.__class__ = _shared_kv_class(type(module))
+    module.num_key_value_heads = kv_heads
+    module.num_key_value_groups = 1  # repeated here; the sdpa wrapper must not repeat again
