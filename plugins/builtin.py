@@ -31,10 +31,11 @@ def presso_register_importances(registrar) -> None:
 
 @hookimpl
 def presso_register_backends(registrar) -> None:
-    from presso.runtime.backends import lower_onnxruntime, lower_torch
+    from presso.runtime.backends import lower_onnxruntime, lower_torch, lower_triton
 
     registrar.add_backend("torch", lower_torch)
     registrar.add_backend("onnxruntime", lower_onnxruntime)
+    registrar.add_backend("triton", lower_triton)
 
 
 @hookimpl

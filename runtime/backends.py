@@ -34,3 +34,30 @@ def lower_onnxruntime(graph: Graph) -> Runner:
     model = OrtModel(path, graph.spec)
     model.workdir = workdir  # lives as long as the session that may read external data from it
     return model.run_flat
+
+
+def lower_triton(graph: Graph) -> Runner:
+    """Quantized linears through presso's Triton kernels on the GPU; everything else stays torch.
+
+    Runs a CUDA copy of the rewritten module (the graph's own stays where it is, for export);
+    inputs are moved to the GPU and outputs back to the inputs' device.
+    """
+    import copy
+
+    from presso.runtime.triton import check_available
+
+    check_available()
+    from presso.runtime.triton.modules import to_triton
+    from presso.signature import Traceable
+
+    module = copy.deepcopy(graph.module)
+    swapped = to_triton(module)
+    traceable = Traceable(module.cuda(), graph.spec)
+
+    @torch.no_grad()
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        device = tensors[0].device if tensors else torch.device("cpu")
+        return tuple(t.to(device) for t in traceable(*(t.cuda() for t in tensors)))
+
+    run.module, run.swapped = module, swapped
+    return run

@@ -1,0 +1,391 @@
+"""Triton kernels and decode speed on one CUDA GPU, against cuBLAS bf16 and torch's int4 kernel.
+
+    python -m benchmarks.gpu [--part kernels,decode] [--layers 8] [--out FILE]
+
+Kernel table: ``y = x @ W.T`` for weights (N, K) and batch M, bf16 activations. Rows:
+cuBLAS bf16 (``F.linear``); torch's ``_weight_int4pack_mm`` (group 128); presso int4
+(group 128, symmetric), int8 weight-only (per channel) and W8A8 (per-token activations).
+Each timing captures one call per weight copy (copies together over 512 MB of bf16, so
+no weight stays in L2) in a CUDA graph and takes the median over replays; achieved
+weight bandwidth counts the bytes of codes and scales once, as a fraction of the measured
+device copy bandwidth (bytes read plus written).
+
+Decode: a Llama-shaped decoder with random weights and a static KV cache, one token per
+step, each step captured in a CUDA graph on every side; tokens/s = 1 / median step time.
+Its linears are ``nn.Linear`` (bf16) or presso's Triton modules built from the modules that
+``quantize_weights`` / ``quantize_dynamic_int8`` produce (lm_head included).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (1536, 576), (576, 1536)]
+BATCHES = [1, 4, 16, 64]
+LLAMA_7B = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
+SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, layers=30)
+
+
+def copy_bandwidth() -> float:
+    """Bytes per second of a 2 GiB device-to-device copy, read plus written."""
+    from triton.testing import do_bench
+
+    src = torch.empty(2 ** 30, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
+# ---------------------------------------------------------------- operands
+
+def int4_operands(w: torch.Tensor, group: int = 128):
+    from presso.runtime.nbits import PackedWeight
+    from presso.runtime.quant import WeightFormat, quantize_weight
+    from presso.runtime.triton import weight_only
+
+    packed = PackedWeight(quantize_weight(w.float(), WeightFormat(4, group, True)))
+    return weight_only.prepare(packed.packed, packed.scales, packed.zeros, 4, torch.bfloat16), packed
+
+
+def int8_operands(w: torch.Tensor):
+    from presso.runtime.nbits import PackedWeight
+    from presso.runtime.quant import WeightFormat, quantize_weight
+    from presso.runtime.triton import weight_only
+
+    packed = PackedWeight(quantize_weight(w.float(), WeightFormat(8, -1, True)))
+    return weight_only.prepare(packed.packed, packed.scales, packed.zeros, 8, torch.bfloat16), packed
+
+
+def tinygemm_operands(w: torch.Tensor, group: int = 128):
+    """torch's int4 layout: uint8-packed codes converted to its tile layout, (scale, zero) pairs."""
+    n, k = w.shape
+    if k % group:
+        raise RuntimeError(f"K={k} is not a multiple of its group size {group}")
+    wg = w.float().view(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-6)
+    zero = lo + 8 * scale  # tinygemm: w = (q - 8) * scale + zero
+    q = torch.clamp(torch.round((wg - lo[..., None]) / scale[..., None]), 0, 15).to(torch.int32).view(n, k)
+    packed = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
+    weight = torch.ops.aten._convert_weight_to_int4pack(packed, 8)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return weight, sz
+
+
+# ---------------------------------------------------------------- kernel table
+
+ROTATE_BYTES = 512 * 2 ** 20  # bf16 weights cycled per timing: well over the L2 cache
+
+
+def graph_us(calls: list) -> float:
+    """Median µs per call, the calls (each on its own weights) captured in one CUDA graph: no launch gaps."""
+    for call in calls[:2]:
+        call()  # autotuning and lazy casts happen before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    times = []
+    for _ in range(15):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return statistics.median(times[3:])
+
+
+def weight_sets(n: int, k: int) -> list[dict]:
+    """Random weights in every format, enough copies that one pass over them overflows L2."""
+    from presso.runtime.int8 import quantize_per_channel_int8
+
+    sets = []
+    for _ in range(max(2, -(-ROTATE_BYTES // (n * k * 2)))):
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q8, s8 = quantize_per_channel_int8(w.float())
+        one = dict(bf16=w, int4=int4_operands(w)[0], int8=int8_operands(w)[0], w8a8=(q8.contiguous(), s8.float()))
+        try:
+            one["tiny"] = tinygemm_operands(w)
+        except RuntimeError as exc:
+            one["tiny"] = str(exc).splitlines()[0][:80]
+        sets.append(one)
+    return sets
+
+
+def kernel_rows(copy_bw: float) -> list[dict]:
+    from presso.runtime.triton import w8a8, weight_only
+
+    rows = []
+    for n, k in SHAPES:
+        sets = weight_sets(n, k)
+        first = sets[0]
+        for m in BATCHES:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            candidates = {
+                "cuBLAS bf16": ([lambda s=s: F.linear(x, s["bf16"]) for s in sets], n * k * 2),
+                "torch int4 (_weight_int4pack_mm)": (
+                    first["tiny"] if isinstance(first["tiny"], str) else
+                    [lambda s=s: torch.ops.aten._weight_int4pack_mm(x, s["tiny"][0], 128, s["tiny"][1]) for s in sets],
+                    n * k // 2 + n * k // 128 * 4),
+                "presso int4 g128": ([lambda s=s: weight_only.weight_only_matmul(x, s["int4"][0], s["int4"][1], None, k, 4)
+                                      for s in sets], first["int4"][0].numel() + first["int4"][1].numel() * 2),
+                "presso int8 weight-only": (
+                    [lambda s=s: weight_only.weight_only_matmul(x, s["int8"][0], s["int8"][1], None, k, 8) for s in sets],
+                    first["int8"][0].numel() + first["int8"][1].numel() * 2),
+                "presso W8A8": ([lambda s=s: w8a8.w8a8_matmul(x, *s["w8a8"]) for s in sets], n * k + n * 4),
+            }
+            base = None
+            for name, (calls, nbytes) in candidates.items():
+                row = dict(shape=f"{n}x{k}", n=n, k=k, m=m, kernel=name)
+                if isinstance(calls, str):
+                    row["error"] = calls
+                else:
+                    try:
+                        us = graph_us(calls)
+                    except Exception as exc:  # noqa: BLE001 - a refusing kernel is a row, not a crash
+                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                    else:
+                        base = us if base is None else base
+                        row.update(us=us, speedup=base / us, bw=nbytes / (us * 1e-6) / copy_bw)
+                rows.append(row)
+                print(row, flush=True)
+        del sets
+        torch.cuda.empty_cache()
+    return rows
+
+
+def sweep_rows(n: int = 4096, k: int = 4096) -> list[dict]:
+    """Every configuration of each kernel timed on its own (the autotuner's view, for tuning the config lists)."""
+    from presso.runtime.triton import w8a8, weight_only
+
+    sets, rows = weight_sets(n, k), []
+    plans = [(1, "int4 gemv", weight_only._gemv_kernel, lambda x, s, c: weight_only.weight_only_matmul(
+                 x, s["int4"][0], s["int4"][1], None, k, 4, config=c)),
+             (16, "int4 tensor-core", weight_only._weight_only_kernel, lambda x, s, c: weight_only.weight_only_matmul(
+                 x, s["int4"][0], s["int4"][1], None, k, 4, config=c)),
+             (64, "W8A8", w8a8._w8a8_kernel, lambda x, s, c: w8a8.w8a8_matmul(x, *s["w8a8"], config=c))]
+    for m, name, kernel, call in plans:
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        for c in kernel.configs:
+            if "BLOCK_K" in c.kwargs and 128 % c.kwargs["BLOCK_K"] and name.startswith("int4"):
+                continue
+            if name != "int4 gemv" and c.kwargs.get("BLOCK_M", 16) != max(16, m) and name == "W8A8":
+                continue
+            if name == "int4 tensor-core" and c.kwargs["BLOCK_M"] != 16:
+                continue
+            cfg = dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+            try:
+                us = graph_us([lambda s=s, cfg=cfg: call(x, s, cfg) for s in sets])
+            except Exception as exc:  # noqa: BLE001
+                rows.append(dict(kernel=name, m=m, config=cfg, error=str(exc).splitlines()[0][:80]))
+            else:
+                rows.append(dict(kernel=name, m=m, config=cfg, us=us))
+            print(rows[-1], flush=True)
+    return rows
+
+
+def kernel_table(rows: list[dict]) -> str:
+    lines = ["| N x K | M | kernel | µs | vs cuBLAS bf16 | weight bandwidth / copy |", "|---|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['m']} | {r['kernel']} | refused: {r['error']} | | |")
+        else:
+            lines.append(f"| {r['shape']} | {r['m']} | {r['kernel']} | {r['us']:.1f} | {r['speedup']:.2f}x "
+                         f"| {100 * r['bw']:.0f}% |")
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict]) -> str:
+    """The issue's targets, read off the table."""
+    large = {f"{n}x{k}" for n, k in SHAPES[:4]}
+
+    def pick(kernel, m, shapes=large):
+        return [r for r in rows if r["kernel"] == kernel and r["m"] == m and r["shape"] in shapes and "us" in r]
+
+    def med(kernel, m):
+        got = pick(kernel, m)
+        return statistics.median(r["speedup"] for r in got) if got else float("nan")
+
+    wins = [(r["shape"], r["us"], t["us"]) for r in pick("presso int4 g128", 1, {r["shape"] for r in rows})
+            for t in pick("torch int4 (_weight_int4pack_mm)", 1, {r["shape"]})]
+    return "\n".join([
+        f"- int4 M=1, large shapes: median {med('presso int4 g128', 1):.2f}x cuBLAS bf16 (target >= 3.0x)",
+        f"- int4 M=1 vs torch int4 on every shape it runs: "
+        f"{sum(p < t for _, p, t in wins)}/{len(wins)} faster ("
+        + ", ".join(f"{s}: {t / p:.2f}x" for s, p, t in wins) + ")",
+        f"- int4 M=16, large shapes: median {med('presso int4 g128', 16):.2f}x (target >= 2.5x)",
+        f"- W8A8 M=64, large shapes: median {med('presso W8A8', 64):.2f}x (target >= 1.5x)",
+        f"- int8 weight-only M=1, large shapes: median {med('presso int8 weight-only', 1):.2f}x (target >= 1.7x)",
+    ])
+
+
+# ---------------------------------------------------------------- decode
+
+class Block(nn.Module):
+    def __init__(self, hidden, intermediate, heads, kv_heads, max_len):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, hidden // heads
+        self.q, self.k = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, kv_heads * self.hd, bias=False)
+        self.v, self.o = nn.Linear(hidden, kv_heads * self.hd, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.register_buffer("keys", torch.zeros(1, kv_heads, max_len, self.hd))
+        self.register_buffer("values", torch.zeros(1, kv_heads, max_len, self.hd))
+
+    def forward(self, h, pos, mask, cos, sin):
+        x = self.norm1(h)
+        q = self.q(x).view(1, 1, self.heads, self.hd).transpose(1, 2)
+        k = self.k(x).view(1, 1, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v(x).view(1, 1, self.kv_heads, self.hd).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        self.keys.index_copy_(2, pos, k)
+        self.values.index_copy_(2, pos, v)
+        a = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask,
+                                           enable_gqa=self.kv_heads != self.heads)
+        h = h + self.o(a.transpose(1, 2).reshape(1, 1, -1))
+        x = self.norm2(h)
+        return h + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def rotate(t, cos, sin):
+    half = t.shape[-1] // 2
+    rotated = torch.cat([-t[..., half:], t[..., :half]], -1)
+    return t * cos + rotated * sin
+
+
+class Decoder(nn.Module):
+    """One token per call at position ``pos`` (a device tensor), KV cache in place: graph-capturable."""
+
+    def __init__(self, hidden, intermediate, heads, kv_heads, vocab, layers, max_len=2048):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, intermediate, heads, kv_heads, max_len) for _ in range(layers))
+        self.norm, self.lm_head = nn.RMSNorm(hidden), nn.Linear(hidden, vocab, bias=False)
+        hd = hidden // heads
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        angles = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+        self.register_buffer("positions", torch.arange(max_len))
+
+    def forward(self, token, pos):
+        mask = (self.positions <= pos)[None, None, None, :]
+        cos, sin = self.cos[pos].to(self.embed.weight.dtype), self.sin[pos].to(self.embed.weight.dtype)
+        h = self.embed(token).view(1, 1, -1)
+        for block in self.blocks:
+            h = block(h, pos, mask, cos, sin)
+        return self.lm_head(self.norm(h))
+
+
+def quantized(decoder: Decoder, kind: str) -> Decoder:
+    """Every linear replaced the way presso's passes and the Triton backend would."""
+    from presso.runtime.int8 import DynamicInt8Linear
+    from presso.runtime.nbits import WeightOnlyLinear
+    from presso.runtime.quant import WeightFormat
+    from presso.runtime.triton.modules import to_triton
+
+    for path, module in list(decoder.named_modules()):
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach().float()
+            new = (WeightOnlyLinear.quantize(w, None, WeightFormat(4, 128, True)) if kind == "int4"
+                   else DynamicInt8Linear.from_weight(w, None, per_token=True))
+            decoder.set_submodule(path, new)
+    to_triton(decoder)
+    return decoder.cuda()
+
+
+@torch.no_grad()
+def decode_ms(decoder: Decoder, context: int, steps: int = 200) -> float:
+    """Median ms per token of a CUDA-graph-captured decode step at ``context`` tokens of cache."""
+    token = torch.tensor([[7]], device="cuda")
+    pos = torch.tensor([context], device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up: autotuning and lazy casts happen outside the capture
+            decoder(token, pos)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoder(token, pos)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return statistics.median(times)
+
+
+def decode_rows(layers: int, context: int) -> list[dict]:
+    rows = []
+    for name, shape in [(f"Llama-7B-shaped, {layers} layers", {**LLAMA_7B, "layers": layers}),
+                        ("SmolLM2-135M-shaped (30 layers)", SMOLLM2)]:
+        base = None
+        for kind in ("bf16", "int4", "w8a8"):
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                decoder = Decoder(**shape, max_len=context + 16).to(torch.bfloat16)
+            for p in decoder.parameters():
+                p.data.normal_(0, 0.02)
+            if kind != "bf16":
+                decoder = quantized(decoder, kind)
+            ms = decode_ms(decoder, context)
+            base = ms if base is None else base
+            rows.append(dict(model=name, kind=kind, ms=ms, tokens_per_s=1e3 / ms, speedup=base / ms))
+            print(rows[-1], flush=True)
+            del decoder
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_table(rows: list[dict], context: int) -> str:
+    lines = [f"| model (random weights, batch 1, {context} tokens of context, CUDA graphs) | weights | ms/token "
+             "| tokens/s | vs bf16 |", "|---|---|---:|---:|---:|"]
+    names = {"bf16": "bf16 (cuBLAS)", "int4": "presso int4 g128 (Triton)", "w8a8": "presso W8A8 (Triton)"}
+    lines += [f"| {r['model']} | {names[r['kind']]} | {r['ms']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", default="kernels,decode")
+    parser.add_argument("--layers", type=int, default=8, help="layers of the Llama-7B-shaped model")
+    parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    copy_bw = copy_bandwidth()
+    import triton
+
+    text = [f"Device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
+            f"{triton.__version__}; measured copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)."]
+    if "sweep" in args.part:
+        for r in sweep_rows():
+            text.append(f"- sweep {r['kernel']} M={r['m']} {r['config']}: {r.get('us', r.get('error'))}")
+    if "kernels" in args.part:
+        rows = kernel_rows(copy_bw)
+        text += ["", kernel_table(rows), "", summary(rows)]
+    if "decode" in args.part:
+        text += ["", decode_table(decode_rows(args.layers, args.context), args.context)]
+    out = "\n".join(text)
+    print(out)
+    if args.out:
+        args.out.write_text(f"<!-- generated by python -m benchmarks.gpu -->\n\n{out}\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""W8A8 in Triton: per-token int8 activations times per-channel int8 weights on int8 tensor cores.
+
+``y = (q_x @ q_w) * s_x[:, None] * s_w[None, :] + bias`` with ``q_x = round(x / s_x)``,
+``s_x = max|x_row| / 127``: the arithmetic of :class:`~presso.runtime.int8.DynamicInt8Linear`
+(per-token mode); its int8 weight is kept ``(N, K)`` here, K contiguous.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
+    peak = tl.max(tl.abs(x), axis=0)
+    scale = tl.where(peak > 0, peak / 127.0, 1.0)
+    y = x / scale
+    q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))  # round half away from zero
+    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=offs < K)
+    tl.store(s_ptr + row, scale)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 codes and float32 scales of a 2-D ``x``."""
+    m, k = x.shape
+    q = torch.empty(m, k, device=x.device, dtype=torch.int8)
+    s = torch.empty(m, device=x.device, dtype=torch.float32)
+    block = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    return q, s
+
+
+def _zero_output(nargs) -> None:
+    nargs["out_ptr"].zero_()
+
+
+def _configs() -> list[triton.Config]:
+    out = []
+    for block_m, block_n, block_k, split_k, warps, stages in [
+        (16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (16, 32, 256, 8, 4, 3), (16, 128, 128, 2, 4, 4),
+        (32, 64, 128, 1, 4, 4), (32, 128, 128, 2, 4, 4),
+        (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3),
+        (64, 128, 256, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 4),
+    ]:
+        out.append(triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k),
+                                 num_warps=warps, num_stages=stages,
+                                 pre_hook=_zero_output if split_k > 1 else None))
+    return out
+
+
+def _prune(configs, named_args, **kwargs):
+    m = {**named_args, **kwargs}["M"]
+    want = min(128, max(16, triton.next_power_of_2(m)))
+    return [c for c in configs if c.kwargs["BLOCK_M"] == want] or configs[:1]
+
+
+@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+                 HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 SPLIT_K: tl.constexpr):
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = rm < M, rn < N
+    tiles = tl.cdiv(K, BLOCK_K)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for t in range(pid_k * per_split, min((pid_k + 1) * per_split, tiles)):
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        a = tl.load(q_ptr + rm[:, None] * K + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :], other=0)
+        b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=(rk < K)[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    sx = tl.load(sx_ptr + rm, mask=mask_m, other=0.0)
+    sw = tl.load(sw_ptr + rn, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """``x (..., K)`` times the int8 ``weight (N, K)`` (K contiguous, as Hopper's 8-bit tensor cores
+    read it) with per-channel ``weight_scale (N,)``."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    q, sx = quantize_rows(x2)
+    m = q.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
+
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
+    if config is not None and config.get("SPLIT_K", 1) > 1:
+        out.zero_()
+    kernel = _w8a8_kernel if config is None else _w8a8_kernel.fn  # .fn: the kernel without autotuning
+    kernel[grid](q, sx, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
+                       out.stride(0), HAS_BIAS=bias is not None, **(config or {}))
+    return out.reshape(*x.shape[:-1], n)

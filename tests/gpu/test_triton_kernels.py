@@ -1,0 +1,77 @@
+"""Triton kernels against their float64 torch references, on random data and odd shapes (CUDA only)."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+triton = pytest.importorskip("triton")
+
+from presso.runtime.int8 import DynamicInt8Linear  # noqa: E402
+from presso.runtime.nbits import PackedWeight  # noqa: E402
+from presso.runtime.quant import WeightFormat, quantize_weight  # noqa: E402
+from presso.runtime.triton import w8a8, weight_only  # noqa: E402
+from presso.runtime.triton.reference import w8a8_reference, weight_only_reference  # noqa: E402
+
+TOLERANCE = 1e-2  # bf16 operands
+SHAPES = [(1536, 576), (576, 1536), (1000, 576), (200, 328), (48, 1000)]  # (N, K): odd sizes on purpose
+FORMATS = [(4, 128, True), (4, 64, False), (4, 32, True), (8, -1, True), (8, 128, False)]
+FORCED = [None, dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, SPLIT_K=1, num_warps=4),
+          dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4, num_warps=4),
+          dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, SPLIT_K=1, num_warps=4)]
+
+
+def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(got).all()
+    return float((got.double().cpu() - ref).norm() / ref.norm())
+
+
+def _packed(n, k, bits, group, symmetric, dtype):
+    packed = PackedWeight(quantize_weight(torch.randn(n, k), WeightFormat(bits, group, symmetric))).cuda()
+    return packed, weight_only.prepare(packed.packed, packed.scales, packed.zeros, bits, dtype)
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bits, group, symmetric", FORMATS)
+def test_weight_only_matches_reference(n, k, bits, group, symmetric):
+    """Fixed tile configurations (every path: one row, a few rows, tensor cores, split K), fresh data each."""
+    dtype = torch.bfloat16 if (n + bits) % 2 else torch.float16
+    packed, (codes, scales, zeros) = _packed(n, k, bits, group, symmetric, dtype)
+    bias = torch.randn(n, device="cuda")
+    for m in (1, 5, 33):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
+        for config in FORCED[1:]:
+            config = dict(config, BLOCK_K=min(config["BLOCK_K"], packed.block_size))  # a tile stays in one block
+            got = weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits, bias.to(dtype), config=config)
+            assert got.shape == (m, n) and got.dtype == dtype
+            assert rel(got, ref) < TOLERANCE, (m, config)
+
+
+@pytest.mark.parametrize("n, k, bits, group, symmetric", [(4096, 4096, 4, 128, True), (1536, 576, 4, 64, False),
+                                                          (576, 1536, 8, -1, True)])
+def test_autotuned_weight_only_matches_reference(n, k, bits, group, symmetric):
+    packed, (codes, scales, zeros) = _packed(n, k, bits, group, symmetric, torch.bfloat16)
+    for m in (1, 4, 16):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        got = weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits)
+        assert rel(got, weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits)) < TOLERANCE
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_w8a8_matches_reference(n, k):
+    linear = DynamicInt8Linear.from_weight(torch.randn(n, k), torch.randn(n))
+    weight, scale, bias = (t.cuda() for t in (linear.weight_t.t().contiguous(), linear.weight_scale, linear.bias))
+    for m in (1, 7, 64):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = w8a8_reference(x, weight, scale, bias)
+        for config in [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
+                                                                                SPLIT_K=1)]:
+            got = w8a8.w8a8_matmul(x, weight, bias.bfloat16(), config=config)
+            assert rel(got, ref) < TOLERANCE, (m, config)
+
+
+def test_per_token_quantization_rounds_like_the_reference():
+    x = torch.randn(9, 1000, device="cuda") * torch.logspace(-3, 3, 9, device="cuda")[:, None]
+    q, s = w8a8.quantize_rows(x)
+    peak = x.abs().amax(-1)
+    assert torch.allclose(s, peak / 127)
+    assert (q.float() - x / s[:, None]).abs().max() <= 0.5 + 1e-4
