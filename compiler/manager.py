@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from presso.errors import PassError, PressoError
 from presso.numerics import max_abs_error, non_finite, rel_error
 from presso.pass_api import Context, Pass
+from presso.report import count_bytes, count_params
 
 EXACT = 1e-4  # relative tolerance of a pass that states none: float rounding only
 
@@ -27,6 +28,8 @@ class PassRecord:
     rel_error_step: float
     rel_error_total: float
     max_abs_error_total: float
+    params_after: int = 0  # the model after this step: each step's effect on size reads off the list
+    bytes_after: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -108,7 +111,8 @@ class PassManager:
                             hint="the pass rewrote the model inconsistently; report it to its author") from exc
         self._check(p, outs, prev, before)
         record = PassRecord(p.name, p.config.to_dict(), seconds, result.modified, result.stats,
-                            rel_error(outs, prev), rel_error(outs, original), max_abs_error(outs, original))
+                            rel_error(outs, prev), rel_error(outs, original), max_abs_error(outs, original),
+                            count_params(graph.module), count_bytes(graph.module))
         return graph, outs, record
 
     def _check(self, p: Pass, outs, prev, before: list[Pass]) -> None:

@@ -45,11 +45,12 @@ class Report(dict):
             lines.append(f"| {label} | {b:,} | {a:,} | {a / b if b else 0:.3f} |")
         if self.get("bytes_on_disk"):
             lines.append(f"| bytes on disk (ONNX) | | {self['bytes_on_disk']:,} | |")
-        lines += ["", "| pass | seconds | rel. error (step) | rel. error (total) | stats |",
-                  "|---|---:|---:|---:|---|"]
+        lines += ["", "| pass | seconds | parameters after | bytes after | rel. error (step) | rel. error (total) | stats |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
         for p in self.get("passes", []):
             stats = ", ".join(f"{k}={_short(v)}" for k, v in p["stats"].items())
-            lines.append(f"| {p['name']} | {p['seconds']:.2f} | {p['rel_error_step']:.2e} | "
+            lines.append(f"| {p['name']} | {p['seconds']:.2f} | {p.get('params_after', 0):,} | {p.get('bytes_after', 0):,} "
+                         f"| {p['rel_error_step']:.2e} | "
                          f"{p['rel_error_total']:.2e} | {stats} |")
         lines += ["", f"output relative error vs the original: {self.get('rel_error', 0.0):.3e} "
                       f"(max abs {self.get('max_abs_error', 0.0):.3e}) on the example inputs"]

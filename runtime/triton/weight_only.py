@@ -139,9 +139,9 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS,
     row_bytes = BLOCKS * GROUP * BITS // 8
     tiles = tl.cdiv(BLOCKS * GROUP, BLOCK_K)
     per_split = tl.cdiv(tiles, SPLIT_K)
-    if BLOCK_M == 1 and BITS == 4:
+    if BLOCK_M == 1:
         acc = _gemv_row(x_ptr, w_ptr, s_ptr, z_ptr, K, BLOCKS, rn, mask_n, row_bytes, pid_k * per_split,
-                        min((pid_k + 1) * per_split, tiles), GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K, MAGIC)[None, :]
+                        min((pid_k + 1) * per_split, tiles), BITS, GROUP, HAS_ZEROS, BLOCK_N, BLOCK_K, MAGIC)[None, :]
     else:
         acc = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, K, BLOCKS, stride_xm, rm, rn, mask_m, mask_n, row_bytes,
                          pid_k * per_split, min((pid_k + 1) * per_split, tiles), BITS, GROUP, HAS_ZEROS,
@@ -157,24 +157,29 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS,
 
 
 @triton.jit
-def _gemv_row(x_ptr, w_ptr, s_ptr, z_ptr, K, BLOCKS, rn, mask_n, row_bytes, start, end, GROUP: tl.constexpr,
-              HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):
-    """One row of x, int4: products accumulate per lane and are reduced once, after the loop."""
-    acc = tl.zeros((BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+def _gemv_row(x_ptr, w_ptr, s_ptr, z_ptr, K, BLOCKS, rn, mask_n, row_bytes, start, end, BITS: tl.constexpr,
+              GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              MAGIC: tl.constexpr):
+    """One row of x: products accumulate per lane and are reduced once, after the loop."""
+    acc = tl.zeros((BLOCK_N, BLOCK_K * BITS // 8), dtype=tl.float32)
     for t in range(start, end):
         block = (t * BLOCK_K) // GROUP
         scale = tl.load(s_ptr + rn * BLOCKS + block, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
             zero = tl.load(z_ptr + rn * BLOCKS + block, mask=mask_n, other=0).to(tl.float32)
         else:
-            zero = tl.full((BLOCK_N,), 8, tl.float32)
-        rb = t * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+            zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)
+        rb = t * (BLOCK_K * BITS // 8) + tl.arange(0, BLOCK_K * BITS // 8)
         packed = tl.load(w_ptr + rn[:, None] * row_bytes + rb[None, :], mask=mask_n[:, None], other=0)
-        x_even = tl.load(x_ptr + 2 * rb, mask=2 * rb < K, other=0.0).to(tl.float32)
-        x_odd = tl.load(x_ptr + 2 * rb + 1, mask=2 * rb + 1 < K, other=0.0).to(tl.float32)
-        lo = _to_float(packed & 0xF, MAGIC) - zero[:, None]
-        hi = _to_float(packed >> 4, MAGIC) - zero[:, None]
-        acc += (x_even[None, :] * lo + x_odd[None, :] * hi) * scale[:, None]
+        if BITS == 4:
+            x_even = tl.load(x_ptr + 2 * rb, mask=2 * rb < K, other=0.0).to(tl.float32)
+            x_odd = tl.load(x_ptr + 2 * rb + 1, mask=2 * rb + 1 < K, other=0.0).to(tl.float32)
+            lo = _to_float(packed & 0xF, MAGIC) - zero[:, None]
+            hi = _to_float(packed >> 4, MAGIC) - zero[:, None]
+            acc += (x_even[None, :] * lo + x_odd[None, :] * hi) * scale[:, None]
+        else:
+            x = tl.load(x_ptr + rb, mask=rb < K, other=0.0).to(tl.float32)
+            acc += x[None, :] * ((_to_float(packed, MAGIC) - zero[:, None]) * scale[:, None])
     return tl.sum(acc, axis=1)
 
 

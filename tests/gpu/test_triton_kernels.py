@@ -65,7 +65,7 @@ def test_w8a8_matches_reference(n, k):
         ref = w8a8_reference(x, weight, scale, bias)
         for config in [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=32, SPLIT_K=4), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64,
                                                                                 SPLIT_K=1)]:
-            got = w8a8.w8a8_matmul(x, weight, bias.bfloat16(), config=config)
+            got = w8a8.w8a8_matmul(x, weight, scale, bias.bfloat16(), config=config)
             assert rel(got, ref) < TOLERANCE, (m, config)
 
 

@@ -102,3 +102,21 @@ def test_missing_targets_and_calibration_are_named():
                        example_inputs=example)
     with pytest.raises(PassError, match="requires calibration"):
         presso.compile(model, [presso.make_pass("split_low_rank", ratio=0.2, method="whiten")], example_inputs=example)
+
+
+def test_share_then_split_then_quantize_compose_in_one_compile_with_each_step_reported():
+    model, example = build("llama")
+    calibration = [other_inputs("llama", example) for _ in range(3)]
+    passes = [presso.make_pass("share_attention_heads", kv_heads=1),
+              presso.make_pass("split_low_rank", ratio=0.3, method="whiten"),
+              presso.make_pass("quantize_weights", bits=8, group_size=-1)]
+    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration, backend="onnxruntime")
+    steps = compiled.report["passes"]
+    assert [s["name"] for s in steps] == ["share_attention_heads", "split_low_rank", "quantize_weights"]
+    params = [compiled.report["params_before"]] + [s["params_after"] for s in steps]
+    sizes = [compiled.report["bytes_before"]] + [s["bytes_after"] for s in steps]
+    assert params[0] > params[1] > params[2] == params[3]  # quantizing keeps the parameter count
+    assert sizes[0] > sizes[1] > sizes[2] > 2 * sizes[3]
+    assert all(s["modified"] and s["rel_error_step"] < 1.0 for s in steps)
+    assert compiled.report["backend_rel_error"] < 1e-4
+    assert "| split_low_rank |" in compiled.report.to_markdown()
