@@ -24,7 +24,10 @@ def _forward(graph: Graph, inputs: Inputs) -> tuple[torch.Tensor, ...]:
 def is_language_model(graph: Graph, inputs: Inputs, outputs) -> bool:
     ids = next((t for t in inputs.tensors if not t.is_floating_point() and t.dim() == 2), None)
     out = outputs[0] if outputs else None
-    return ids is not None and out is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(ids.shape)
+    # logits: one score per vocabulary entry, so wider than the largest token id (hidden states of
+    # an encoder have the same leading shape but are narrower than its vocabulary)
+    return (ids is not None and out is not None and out.dim() == 3 and tuple(out.shape[:2]) == tuple(ids.shape)
+            and out.shape[-1] > int(ids.max()))
 
 
 def loss_of(graph: Graph, inputs: Inputs, outputs) -> torch.Tensor:
