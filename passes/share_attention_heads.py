@@ -6,7 +6,7 @@ outputs on calibration data are most alike; query heads are reordered to follow 
 head, which is function-preserving). Mechanism (``merge``): the merged key/value
 projection is the ``mean`` of the group's; ``lstsq`` then refits the output projection by
 least squares so the attention block reproduces the original block's output on calibration
-data. Supported attention modules: Llama-family (Llama, Qwen2, Mistral, SmolLM2), GPT-2
+data. Supported attention modules: Llama-family (Llama, Qwen2, Mistral, SmolLM2), OPT, GPT-2
 (fused ``c_attn``) and BERT; their Hugging Face code repeats kv heads for attention when
 ``num_key_value_groups`` > 1, so the cache keeps only the shared heads.
 """
@@ -51,7 +51,7 @@ class ShareAttentionHeads(Pass):
         views = attention_views(graph.module)
         if not views:
             raise ConfigError(f"no supported attention module in {type(graph.module).__name__}",
-                              hint="supported: Llama-family, GPT-2 and BERT attention (Hugging Face transformers)")
+                              hint="supported: Llama-family, GPT-2, BERT and OPT attention (Hugging Face transformers)")
         for v in views:
             self._check(v)
         if all(v.kv_heads == cfg.kv_heads for v in views):

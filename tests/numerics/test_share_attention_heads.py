@@ -85,7 +85,6 @@ def test_mha_to_gqa_shrinks_the_exported_kv_cache_and_decodes_like_torch(name, t
 
 
 def test_unsupported_attention_is_refused_by_name():
-    model = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4))
-    with pytest.raises(ConfigError, match="no supported attention module in Sequential"):
-        presso.compile(model, [presso.make_pass("share_attention_heads", kv_heads=2)],
-                       example_inputs=(torch.randn(3, 16),))
+    model, example = build("vit")  # its attention is a local module, not a Hugging Face one
+    with pytest.raises(ConfigError, match=f"no supported attention module in {type(model).__name__}"):
+        presso.compile(model, [presso.make_pass("share_attention_heads", kv_heads=2)], example_inputs=example)
