@@ -75,12 +75,35 @@ def ort_hqq(group: int) -> Callable:
     return ort_matmul_nbits(lambda: HQQWeightOnlyQuantConfig(block_size=group, bits=4))
 
 
+def untie_transposed_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Give a MatMul that reads ``Transpose(initializer)`` (a tied lm_head) its own transposed copy.
+
+    NNCF's ONNX backend only compresses MatMuls whose weight is an initializer; the function
+    is unchanged, the file grows by the copy.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    keep = []
+    for node in model.graph.node:
+        if node.op_type == "Transpose" and node.input[0] in inits and len(node.input) == 1:
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            array = numpy_helper.to_array(inits[node.input[0]])
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.ascontiguousarray(array.transpose(perm)), node.output[0]))
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+    return model
+
+
 def nncf_int4(group: int) -> Callable:
     def quantize(fp32: Path, out: Path, feeds) -> None:
         import nncf
 
         compressed = nncf.compress_weights(
-            onnx.load(str(fp32)), mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group, ratio=1.0,
+            untie_transposed_weights(onnx.load(str(fp32))), mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group, ratio=1.0,
             awq=True, scale_estimation=True, dataset=nncf.Dataset(feeds))
         onnx.save(compressed, str(out))
     return quantize

@@ -22,7 +22,7 @@ from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes import awq
 from presso.passes.calibration import StatsCollector, find_blocks, peak_rss_bytes, segments, weight_of
 from presso.passes.common import linear_weight
-from presso.passes.gptq import gptq_quantize
+from presso.passes.gptq import group_level, gptq_quantize, refit_scales
 from presso.passes.quantize_dynamic_int8 import select_linears
 from presso.passes.scale_groups import apply_scales, find_scale_groups
 from presso.passes.sensitivity import layer_errors, most_sensitive
@@ -42,6 +42,8 @@ class QuantizeWeightsConfig(PassConfig):
     sensitive_bits: int = 8
     damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
+    scales: Literal["float16", "float32"] = "float16"  # how group scales are stored
+    refit: int = 2  # GPTQ/AWQ: rounds of re-solving group scales by least output error (GPTQ re-rounds between)
 
     def validate(self) -> None:
         for name in ("bits", "sensitive_bits"):
@@ -52,12 +54,12 @@ class QuantizeWeightsConfig(PassConfig):
         if g != -1 and (g < 16 or g & (g - 1)):
             raise ConfigError(f"group_size={g} is not supported",
                               hint="use a power of two of at least 16 (32, 64, 128, ...) or -1 for per channel")
-        if self.keep_sensitive < 0 or not 0 < self.damp < 1:
-            raise ConfigError("keep_sensitive must be >= 0 and damp in (0, 1)")
+        if self.keep_sensitive < 0 or not 0 < self.damp < 1 or self.refit < 0:
+            raise ConfigError("keep_sensitive and refit must be >= 0 and damp in (0, 1)")
 
     @property
     def fmt(self) -> WeightFormat:
-        return WeightFormat(self.bits, self.group_size, self.symmetric)
+        return WeightFormat(self.bits, self.group_size, self.symmetric, 16 if self.scales == "float16" else 32)
 
     @property
     def needs_calibration(self) -> bool:
@@ -146,6 +148,11 @@ def calibrate_and_quantize(graph: Graph, chosen: dict[str, nn.Module], formats: 
                 q = gptq_quantize(weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order)
             else:
                 q = awq.clip_quantize(weight.float(), h, formats[path])
+            for round_ in range(cfg.refit):
+                if round_ and cfg.method != "awq":  # re-round with error feedback to the refitted scales
+                    q = gptq_quantize(weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order,
+                                      fixed=group_level(q))
+                q = refit_scales(weight, q, h)
             graph.module.set_submodule(path, WeightOnlyLinear(PackedWeight(q), bias))
     return {"calibration_batches": len(batches), "awq_alpha": alphas,
             "calibration_memory": {"block_inputs_bytes": peak_inputs, "hessian_bytes": hessian_bytes,

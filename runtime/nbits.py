@@ -48,7 +48,7 @@ def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     codes = unpack_codes(packed, bits, block).float()
     zero = (unpack_codes(zeros, bits, blocks).float() if zeros is not None
             else torch.full((rows, blocks), 2.0 ** (bits - 1)))
-    w = (codes - zero[..., None]) * scales[..., None]
+    w = (codes - zero[..., None]) * scales.float()[..., None]
     return w.reshape(rows, -1)[:, :k]
 
 
@@ -95,12 +95,13 @@ def gather_nbits(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
 
 @gather_nbits.register_fake
 def _(ids, packed, scales, zeros, k, bits):
-    return torch.empty((*ids.shape, k), dtype=scales.dtype, device=ids.device)
+    return torch.empty((*ids.shape, k), dtype=torch.float32, device=ids.device)
 
 
-def matmul_nbits_onnx(x: FLOAT, packed, scales: FLOAT, zeros=None, k: int = 0, n: int = 0, bits: int = 4,
+def matmul_nbits_onnx(x: FLOAT, packed, scales, zeros=None, k: int = 0, n: int = 0, bits: int = 4,
                       block_size: int = 32) -> FLOAT:
-    flat_scales = op.Reshape(scales, op.Constant(value_ints=[-1]))
+    # float16 scales are stored as such; ONNX Runtime folds the cast of the constant at load
+    flat_scales = op.Reshape(op.Cast(scales, to=onnx.TensorProto.FLOAT), op.Constant(value_ints=[-1]))
     if zeros is None:
         return _MATMUL_NBITS(x, packed, flat_scales, K=k, N=n, bits=bits, block_size=block_size,
                              accuracy_level=accuracy_level(bits))
@@ -125,10 +126,11 @@ def _u8(value: int):
     return onnx.helper.make_tensor("u8", onnx.TensorProto.UINT8, [], [value])
 
 
-def gather_nbits_onnx(ids: INT64, packed, scales: FLOAT, zeros=None, k: int = 0, bits: int = 4) -> FLOAT:
+def gather_nbits_onnx(ids: INT64, packed, scales, zeros=None, k: int = 0, bits: int = 4) -> FLOAT:
     flat = op.Reshape(ids, op.Constant(value_ints=[-1]))
     codes = _unpack_onnx(op.Gather(packed, flat, axis=0), bits)  # (T, blocks, block)
-    row_scales = op.Unsqueeze(op.Gather(scales, flat, axis=0), op.Constant(value_ints=[-1]))
+    row_scales = op.Unsqueeze(op.Cast(op.Gather(scales, flat, axis=0), to=onnx.TensorProto.FLOAT),
+                              op.Constant(value_ints=[-1]))
     if zeros is None:
         zero = op.Constant(value_float=float(2 ** (bits - 1)))
     else:
@@ -150,7 +152,8 @@ class PackedWeight(nn.Module):
         self.out_features, blocks = q.scales.shape
         self.block_size = q.block_size
         self.register_buffer("packed", pack_codes(q.codes, q.fmt.bits).view(self.out_features, blocks, -1))
-        self.register_buffer("scales", q.scales.contiguous())
+        dtype = torch.float16 if q.fmt.scale_bits == 16 else torch.float32
+        self.register_buffer("scales", q.scales.to(dtype).contiguous())
         zeros = None if q.fmt.symmetric else pack_codes(q.zeros, q.fmt.bits)
         self.register_buffer("zeros", zeros)
 

@@ -25,6 +25,10 @@ class WeightFormat:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
+    scale_bits: int = 32  # 16: scales stored as float16 (rounded when chosen, so every path agrees)
+
+    def round_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        return scale.half().float() if self.scale_bits == 16 else scale.float()
 
     @property
     def levels(self) -> int:
@@ -41,12 +45,12 @@ class WeightFormat:
         return next((b for b in STORAGE_BLOCKS if in_features % b == 0), 16)
 
     def bytes_for(self, out_features: int, in_features: int) -> int:
-        """Bytes of codes, scales (float32) and packed zero points for one weight."""
+        """Bytes of codes, scales and packed zero points for one weight."""
         block = self.block_size(in_features)
         blocks = -(-in_features // block)
         codes = out_features * blocks * block * self.bits // 8
         zeros = 0 if self.symmetric else out_features * -(-blocks * self.bits // 8)
-        return codes + out_features * blocks * 4 + zeros
+        return codes + out_features * blocks * self.scale_bits // 8 + zeros
 
 
 def pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -62,11 +66,11 @@ def group_params(w: torch.Tensor, fmt: WeightFormat) -> tuple[torch.Tensor, torc
         idx = w.abs().argmax(dim=-1, keepdim=True)
         peak = torch.gather(w, -1, idx).squeeze(-1)
         scale = peak / -(fmt.levels // 2)
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = fmt.round_scales(torch.where(scale == 0, torch.ones_like(scale), scale))
         return scale, torch.full_like(scale, fmt.levels // 2)
     lo, hi = w.amin(dim=-1), w.amax(dim=-1)
     scale = (hi - lo) / (fmt.levels - 1)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = fmt.round_scales(torch.where(scale > 0, scale, torch.ones_like(scale)))
     zero = torch.clamp(torch.round(-lo / scale), 0, fmt.levels - 1)
     return scale, zero
 
@@ -117,7 +121,7 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, scale: torch.Tensor | No
     if group == k:  # per channel: the row's scale repeated over every storage block
         blocks = codes.shape[1] // block
         scale, zero = scale.expand(n, blocks), zero.expand(n, blocks)
-    return QuantizedWeight(codes.to(torch.uint8), scale.float().contiguous(), zero.to(torch.uint8), fmt, k)
+    return QuantizedWeight(codes.to(torch.uint8), fmt.round_scales(scale).contiguous(), zero.to(torch.uint8), fmt, k)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from presso.passes import awq
-from presso.passes.gptq import gptq_quantize
+from presso.passes.gptq import gptq_quantize, group_level, refit_scales
 from presso.passes.observers import RangeObserver
 from presso.runtime.nbits import PackedWeight, WeightOnlyLinear, _round_blocks_int8, dequantize_packed
 from presso.runtime.qdq import quantize_dequantize
@@ -86,6 +86,37 @@ def test_gptq_beats_round_to_nearest_on_output_error():
         gptq_err = awq.output_error(w, q.dequantize(), h)
         assert gptq_err < 0.8 * rtn_err
         assert q.codes.max() < 16 and q.scales.shape == (64, 3)
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=str)
+def test_refit_scales_keeps_codes_and_lowers_output_error(fmt):
+    torch.manual_seed(0)
+    x = correlated_inputs(200)  # ragged last group for every group size
+    h = x.t() @ x / x.shape[0]
+    w = torch.randn(32, 200)
+    for q in (quantize_weight(w, fmt), gptq_quantize(w, h, fmt)):
+        refit = refit_scales(w, q, h)
+        assert torch.equal(refit.codes, q.codes) and refit.scales.shape == q.scales.shape
+        before, after = awq.output_error(w, q.dequantize(), h), awq.output_error(w, refit.dequantize(), h)
+        assert after < 0.99 * before  # least squares in the scales; the old ones were one candidate
+        again = gptq_quantize(w, h, fmt, fixed=group_level(refit))  # re-rounding to the refitted scales
+        assert torch.allclose(group_level(again)[0], group_level(refit)[0])
+
+
+def test_float16_scales_are_rounded_where_chosen_and_stored_as_float16():
+    torch.manual_seed(0)
+    w = torch.randn(48, 200)
+    fmt16 = WeightFormat(4, 64, True, scale_bits=16)
+    q = quantize_weight(w, fmt16)
+    assert torch.equal(q.scales, q.scales.half().float())
+    packed = PackedWeight(q)
+    assert packed.scales.dtype == torch.float16
+    assert torch.equal(packed.dequantize(), q.dequantize())
+    assert fmt16.bytes_for(48, 200) < WeightFormat(4, 64, True).bytes_for(48, 200)
+    x = correlated_inputs(200)
+    h = x.t() @ x / x.shape[0]
+    refit = refit_scales(w, gptq_quantize(w, h, fmt16), h)
+    assert torch.equal(refit.scales, refit.scales.half().float())
 
 
 def test_gptq_handles_dead_inputs_and_ragged_groups():

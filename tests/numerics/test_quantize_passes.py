@@ -87,6 +87,7 @@ def test_int4_exports_matmulnbits_and_shrinks_on_disk(symmetric, tmp_path):
     assert ops.count("MatMulNBits") == 4 * 7 + 1  # every linear and the tied lm_head
     graph = onnx.load(str(path)).graph
     weights = {i.name for i in graph.initializer}
+    assert {i.data_type for i in graph.initializer if "scales" in i.name} == {onnx.TensorProto.FLOAT16}
     assert not any(n.op_type in ("MatMul", "Gemm") and set(n.input) & weights for n in graph.node)  # no float weight
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert all((len(n.input) == 4) != symmetric for n in nbits)  # zero points only when asymmetric
