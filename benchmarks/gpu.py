@@ -105,12 +105,14 @@ def graph_us(calls: list) -> float:
 def weight_sets(n: int, k: int) -> list[dict]:
     """Random weights in every format, enough copies that one pass over them overflows L2."""
     from presso.runtime.int8 import quantize_per_channel_int8
+    from presso.runtime.triton.gemv_words import prepare_words
 
     sets = []
     for _ in range(max(2, -(-ROTATE_BYTES // (n * k * 2)))):
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
         q8, s8 = quantize_per_channel_int8(w.float())
         one = dict(bf16=w, int4=int4_operands(w)[0], int8=int8_operands(w)[0], w8a8=(q8.contiguous(), s8.float()))
+        one["int4w"] = prepare_words(*one["int4"])
         try:
             one["tiny"] = tinygemm_operands(w)
         except RuntimeError as exc:
@@ -134,7 +136,8 @@ def kernel_rows(copy_bw: float) -> list[dict]:
                     first["tiny"] if isinstance(first["tiny"], str) else
                     [lambda s=s: torch.ops.aten._weight_int4pack_mm(x, s["tiny"][0], 128, s["tiny"][1]) for s in sets],
                     n * k // 2 + n * k // 128 * 4),
-                "presso int4 g128": ([lambda s=s: weight_only.weight_only_matmul(x, s["int4"][0], s["int4"][1], None, k, 4)
+                "presso int4 g128": ([lambda s=s: weight_only.weight_only_matmul(x, s["int4"][0], s["int4"][1], None, k, 4,
+                                                                                  words=s["int4w"])
                                       for s in sets], first["int4"][0].numel() + first["int4"][1].numel() * 2),
                 "presso int8 weight-only": (
                     [lambda s=s: weight_only.weight_only_matmul(x, s["int8"][0], s["int8"][1], None, k, 8) for s in sets],
@@ -161,17 +164,19 @@ def kernel_rows(copy_bw: float) -> list[dict]:
     return rows
 
 
-def sweep_rows(n: int = 4096, k: int = 4096) -> list[dict]:
+def sweep_rows(n: int = 4096, k: int = 4096, only: str = "") -> list[dict]:
     """Every configuration of each kernel timed on its own (the autotuner's view, for tuning the config lists)."""
-    from presso.runtime.triton import w8a8, weight_only
+    from presso.runtime.triton import gemv_words, w8a8, weight_only
 
     sets, rows = weight_sets(n, k), []
     plans = [(1, "int4 gemv", weight_only._gemv_kernel, lambda x, s, c: weight_only.weight_only_matmul(
                  x, s["int4"][0], s["int4"][1], None, k, 4, config=c)),
              (16, "int4 tensor-core", weight_only._weight_only_kernel, lambda x, s, c: weight_only.weight_only_matmul(
                  x, s["int4"][0], s["int4"][1], None, k, 4, config=c)),
-             (64, "W8A8", w8a8._w8a8_kernel, lambda x, s, c: w8a8.w8a8_matmul(x, *s["w8a8"], config=c))]
-    for m, name, kernel, call in plans:
+             (64, "W8A8", w8a8._w8a8_kernel, lambda x, s, c: w8a8.w8a8_matmul(x, *s["w8a8"], config=c)),
+             (1, "int4 words gemv", gemv_words._gemv_words_kernel,
+              lambda x, s, c: gemv_words.gemv_words(x, *s["int4w"], k, 4, config=c))]
+    for m, name, kernel, call in [p for p in plans if only in p[1]]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for c in kernel.configs:
             if "BLOCK_K" in c.kwargs and 128 % c.kwargs["BLOCK_K"] and name.startswith("int4"):
@@ -365,6 +370,8 @@ def main() -> None:
     parser.add_argument("--part", default="kernels,decode")
     parser.add_argument("--layers", type=int, default=8, help="layers of the Llama-7B-shaped model")
     parser.add_argument("--context", type=int, default=512)
+    parser.add_argument("--sweep", default="", help="sweep only the kernels whose name holds this")
+    parser.add_argument("--sweep-shape", default="4096x4096", help="N x K of the sweep")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -374,7 +381,8 @@ def main() -> None:
     text = [f"Device: {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, triton "
             f"{triton.__version__}; measured copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write)."]
     if "sweep" in args.part:
-        for r in sweep_rows():
+        n, k = map(int, args.sweep_shape.split("x"))
+        for r in sweep_rows(n, k, args.sweep):
             text.append(f"- sweep {r['kernel']} M={r['m']} {r['config']}: {r.get('us', r.get('error'))}")
     if "kernels" in args.part:
         rows = kernel_rows(copy_bw)

@@ -102,6 +102,7 @@ class QuantizeWeights(Pass):
 def quantize_embeddings(graph: Graph, chosen: dict[str, nn.Module], cfg: QuantizeWeightsConfig,
                         stats: dict) -> set[str]:
     """Pack every called embedding table; linears tied to one read it too. Returns those linears."""
+    # the pass's groups: a per-row scale would be stored once per MatMulNBits block anyway
     fmt = replace(cfg.fmt, bits=8 if cfg.embeddings == "int8" else 4)
     tied: set[str] = set()
     tables = {p: m for p, m in graph.called_modules().items() if type(m) is nn.Embedding}  # subclasses (learned positions) add logic

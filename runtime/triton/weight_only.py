@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from presso.runtime.triton.gemv_words import gemv_words
+
 
 def _zero_output(nargs) -> None:
     nargs["out_ptr"].zero_()
@@ -234,14 +236,19 @@ def prepare(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
 
 def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        k: int, bits: int, bias: torch.Tensor | None = None,
-                       config: dict | None = None) -> torch.Tensor:
-    """``x (..., k) @ W.T`` for ``W (n, k)`` from :func:`prepare`'s operands; output in ``x``'s dtype."""
+                       config: dict | None = None, words: tuple | None = None) -> torch.Tensor:
+    """``x (..., k) @ W.T`` for ``W (n, k)`` from :func:`prepare`'s operands; output in ``x``'s dtype.
+
+    ``words``: :func:`gemv_words.prepare_words`'s copy of the same weight, which a single row reads.
+    """
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if words is not None and m == 1 and config is None:
+        return gemv_words(x2, *words, k, bits, bias).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune

@@ -8,7 +8,7 @@ triton = pytest.importorskip("triton")
 from presso.runtime.int8 import DynamicInt8Linear  # noqa: E402
 from presso.runtime.nbits import PackedWeight  # noqa: E402
 from presso.runtime.quant import WeightFormat, quantize_weight  # noqa: E402
-from presso.runtime.triton import w8a8, weight_only  # noqa: E402
+from presso.runtime.triton import gemv_words, w8a8, weight_only  # noqa: E402
 from presso.runtime.triton.reference import w8a8_reference, weight_only_reference  # noqa: E402
 
 TOLERANCE = 1e-2  # bf16 operands
@@ -54,6 +54,23 @@ def test_autotuned_weight_only_matches_reference(n, k, bits, group, symmetric):
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         got = weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits)
         assert rel(got, weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits)) < TOLERANCE
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bits, group, symmetric", FORMATS)
+def test_word_gemv_matches_reference(n, k, bits, group, symmetric):
+    """The batch-1 kernel on the word-transposed copy: forced tiles (ragged K, split K) and the autotuned one."""
+    packed, operands = _packed(n, k, bits, group, symmetric, torch.bfloat16)
+    words = gemv_words.prepare_words(*operands)
+    bias = torch.randn(n, device="cuda")
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
+    for config in (dict(BLOCK_N=64, TILE_W=8, SPLIT_K=3), dict(BLOCK_N=256, TILE_W=32, SPLIT_K=1), None):
+        got = gemv_words.gemv_words(x, *words, k, bits, bias.bfloat16(), config=config)
+        assert got.shape == (1, n) and got.dtype == torch.bfloat16
+        assert rel(got, ref) < TOLERANCE, config
+    got = weight_only.weight_only_matmul(x, *operands, k, bits, bias.bfloat16(), words=words)
+    assert rel(got, ref) < TOLERANCE
 
 
 @pytest.mark.parametrize("n, k", SHAPES)
