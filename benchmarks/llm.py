@@ -120,7 +120,9 @@ def int8_recipes() -> list[tuple[str, list]]:
     return [("presso quantize_dynamic_int8 (W8A8 dynamic, per-token)", [mp("quantize_dynamic_int8")]),
             ("presso smooth_quant + quantize_static_int8 (W8A8 static)",
              [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse", keep_sensitive=SENSITIVE)]),
-            ("presso quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)])]
+            ("presso quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)]),
+            ("presso quantize_weights int8 per-channel GPTQ",
+             [mp("quantize_weights", bits=8, group_size=-1, method="gptq")])]
 
 
 def int4_recipes(group: int) -> list[tuple[str, list]]:
@@ -134,6 +136,10 @@ def int4_recipes(group: int) -> list[tuple[str, list]]:
               [mp("quantize_weights", bits=4, group_size=group, method=method, embeddings="int8",
                   **(ordered if "gptq" in method else {}))])
              for method in ("gptq", "awq+gptq")]
+    if group < 128:  # fewer scales: the same recipe at the file size of 128-wide groups
+        rows.append(("presso int4 sym g128 AWQ+GPTQ + int8 embeddings/lm_head",
+                     [mp("quantize_weights", bits=4, group_size=128, method="awq+gptq", embeddings="int8",
+                         **ordered)]))
     return rows
 
 
