@@ -136,10 +136,6 @@ def int4_recipes(group: int) -> list[tuple[str, list]]:
               [mp("quantize_weights", bits=4, group_size=group, method=method, embeddings="int8",
                   **(ordered if "gptq" in method else {}))])
              for method in ("gptq", "awq+gptq")]
-    if group < 128:  # fewer scales: the same recipe at the file size of 128-wide groups
-        rows.append(("presso int4 sym g128 AWQ+GPTQ + int8 embeddings/lm_head",
-                     [mp("quantize_weights", bits=4, group_size=128, method="awq+gptq", embeddings="int8",
-                         **ordered)]))
     return rows
 
 
