@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from presso.runtime.triton import tuning
+
 
 def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -23,19 +25,11 @@ def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     return words, scales.t().contiguous(), None if zeros is None else zeros.t().contiguous()
 
 
-def _zero_output(nargs) -> None:
-    nargs["out_ptr"].zero_()
-
-
 def _configs() -> list[triton.Config]:
-    out = []
-    for block_n, tile_w, split_k, warps in [(128, 16, 8, 4), (256, 16, 8, 4), (256, 32, 4, 4), (512, 16, 4, 8),
-                                            (256, 16, 16, 4), (128, 32, 16, 4), (512, 32, 2, 8), (256, 8, 16, 4),
-                                            (128, 16, 4, 4), (64, 32, 16, 4), (256, 32, 8, 8), (512, 16, 8, 8)]:
-        for one_plus in (0, 1):
-            out.append(triton.Config(dict(BLOCK_N=block_n, TILE_W=tile_w, SPLIT_K=split_k, ONE_PLUS=one_plus),
-                                     num_warps=warps, num_stages=3, pre_hook=_zero_output if split_k > 1 else None))
-    return out
+    return tuning.grid(("BLOCK_N", "TILE_W", "SPLIT_K"), [
+        (128, 16, 8, 4), (256, 16, 8, 4), (256, 32, 4, 4), (512, 16, 4, 8), (256, 16, 16, 4), (128, 32, 16, 4),
+        (512, 32, 2, 8), (256, 8, 16, 4), (128, 16, 4, 4), (64, 32, 16, 4), (256, 32, 8, 8), (512, 16, 8, 8)],
+        flag="ONE_PLUS")
 
 
 def _prune(configs, named_args, **kwargs):

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from presso.runtime.triton import tuning
+
 
 @triton.jit
 def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
@@ -36,10 +38,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, s
 
 
-def _zero_output(nargs) -> None:
-    nargs["out_ptr"].zero_()
-
-
 def _configs() -> list[triton.Config]:
     out = []
     for block_m, block_n, block_k, split_k, warps, stages in [
@@ -50,7 +48,7 @@ def _configs() -> list[triton.Config]:
     ]:
         out.append(triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k),
                                  num_warps=warps, num_stages=stages,
-                                 pre_hook=_zero_output if split_k > 1 else None))
+                                 pre_hook=tuning.zero_output if split_k > 1 else None))
     return out
 
 

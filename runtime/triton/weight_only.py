@@ -19,11 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from presso.runtime.triton import tuning
 from presso.runtime.triton.gemv_words import gemv_words
-
-
-def _zero_output(nargs) -> None:
-    nargs["out_ptr"].zero_()
 
 
 def _configs() -> list[triton.Config]:
@@ -37,7 +34,7 @@ def _configs() -> list[triton.Config]:
     ]:
         out.append(triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k),
                                  num_warps=warps, num_stages=stages,
-                                 pre_hook=_zero_output if split_k > 1 else None))
+                                 pre_hook=tuning.zero_output if split_k > 1 else None))
     return out
 
 
@@ -110,14 +107,10 @@ def _to_float(codes, MAGIC: tl.constexpr):
 
 
 def _gemv_configs() -> list[triton.Config]:
-    out = []
-    for block_n, block_k, split_k, warps in [(16, 128, 1, 2), (32, 128, 1, 4), (64, 64, 1, 4), (16, 128, 4, 2),
-                                             (32, 128, 2, 4), (32, 128, 4, 4), (32, 64, 8, 4), (64, 128, 4, 4),
-                                             (16, 256, 8, 4), (32, 256, 4, 4), (16, 64, 16, 2), (128, 64, 2, 4)]:
-        for magic in (0, 1):
-            out.append(triton.Config(dict(BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, MAGIC=magic),
-                                     num_warps=warps, num_stages=3, pre_hook=_zero_output if split_k > 1 else None))
-    return out
+    return tuning.grid(("BLOCK_N", "BLOCK_K", "SPLIT_K"), [
+        (16, 128, 1, 2), (32, 128, 1, 4), (64, 64, 1, 4), (16, 128, 4, 2), (32, 128, 2, 4), (32, 128, 4, 4),
+        (32, 64, 8, 4), (64, 128, 4, 4), (16, 256, 8, 4), (32, 256, 4, 4), (16, 64, 16, 2), (128, 64, 2, 4)],
+        flag="MAGIC")
 
 
 def _gemv_prune(configs, named_args, **kwargs):
