@@ -145,7 +145,8 @@ def test_gptq_reports_layer_by_layer_memory():
 
 @pytest.mark.parametrize("options,match", [
     ({"bits": 3}, "bits=3"), ({"group_size": 0}, "group_size=0"), ({"group_size": 48}, "group_size=48"),
-    ({"method": "hqq"}, "method"), ({"embeddings": "int2"}, "embeddings")])
+    ({"method": "hqq"}, "method"), ({"embeddings": "int2"}, "embeddings"), ({"refit": -1}, "refit"),
+    ({"scales": "bfloat16"}, "scales")])
 def test_bad_weight_options_are_refused(options, match):
     with pytest.raises(presso.ConfigError, match=match):
         presso.make_pass("quantize_weights", **options)
