@@ -94,7 +94,7 @@ def refit_scales(weight: torch.Tensor, q: QuantizedWeight, hessian: torch.Tensor
     h = torch.zeros(kp, kp)
     h[:k, :k] = hessian.float()
     w = pad_to_blocks(weight.float(), group)
-    old = q.scales[:, ::max(1, q.scales.shape[1] // g_count)][:, :g_count] if group == k else q.scales
+    old = group_level(q)[0]
     partial = torch.einsum("ngi,gij->ngj", c.view(n, g_count, group), h.view(g_count, group, kp))
     a = (partial.view(n, g_count, g_count, group) * c.view(n, 1, g_count, group)).sum(-1)  # (N, G, G)
     b = (c.view(n, g_count, group) * (w @ h).view(n, g_count, group)).sum(-1)  # (N, G)
