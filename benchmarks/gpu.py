@@ -49,7 +49,7 @@ def int4_operands(w: torch.Tensor, group: int = 128):
     from presso.runtime.triton import weight_only
 
     packed = PackedWeight(quantize_weight(w.float(), WeightFormat(4, group, True)))
-    return weight_only.prepare(packed.packed, packed.scales, packed.zeros, 4, torch.bfloat16), packed
+    return weight_only.prepare(packed.packed, packed.group_scales(), packed.zeros, 4, torch.bfloat16), packed
 
 
 def int8_operands(w: torch.Tensor):
@@ -58,7 +58,7 @@ def int8_operands(w: torch.Tensor):
     from presso.runtime.triton import weight_only
 
     packed = PackedWeight(quantize_weight(w.float(), WeightFormat(8, -1, True)))
-    return weight_only.prepare(packed.packed, packed.scales, packed.zeros, 8, torch.bfloat16), packed
+    return weight_only.prepare(packed.packed, packed.group_scales(), packed.zeros, 8, torch.bfloat16), packed
 
 
 def tinygemm_operands(w: torch.Tensor, group: int = 128):

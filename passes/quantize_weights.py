@@ -42,7 +42,7 @@ class QuantizeWeightsConfig(PassConfig):
     sensitive_bits: int = 8
     damp: float = 0.01  # GPTQ: Hessian damping, a fraction of its mean diagonal
     act_order: bool = False  # GPTQ: columns by decreasing Hessian diagonal
-    scales: Literal["float16", "float32"] = "float16"  # how group scales are stored
+    scales: Literal["float16", "float32", "int8"] = "float16"  # how group scales are stored (int8: codes x row scale)
     refit: int = 2  # GPTQ/AWQ: rounds of re-solving group scales by least output error (GPTQ re-rounds between)
 
     def validate(self) -> None:
@@ -59,11 +59,14 @@ class QuantizeWeightsConfig(PassConfig):
 
     @property
     def fmt(self) -> WeightFormat:
-        return WeightFormat(self.bits, self.group_size, self.symmetric, 16 if self.scales == "float16" else 32)
+        return WeightFormat(self.bits, self.group_size, self.symmetric, SCALE_BITS[self.scales])
 
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn" or self.keep_sensitive > 0
+
+
+SCALE_BITS = {"float32": 32, "float16": 16, "int8": 8}
 
 
 class QuantizeWeights(Pass):

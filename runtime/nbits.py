@@ -15,7 +15,7 @@ from onnxscript import opset18 as op
 from onnx.defs import OpSchema
 from torch import nn
 
-from presso.runtime.quant import QuantizedWeight, WeightFormat, pack_codes, quantize_weight, unpack_codes
+from presso.runtime.quant import QuantizedWeight, WeightFormat, pack_codes, quantize_weight, scale_codes, unpack_codes
 
 
 
@@ -152,16 +152,28 @@ class PackedWeight(nn.Module):
         self.out_features, blocks = q.scales.shape
         self.block_size = q.block_size
         self.register_buffer("packed", pack_codes(q.codes, q.fmt.bits).view(self.out_features, blocks, -1))
-        dtype = torch.float16 if q.fmt.scale_bits == 16 else torch.float32
-        self.register_buffer("scales", q.scales.to(dtype).contiguous())
+        if q.fmt.scale_bits == 8:  # int8 codes and a float16 scale per row, decoded on use
+            codes, rows = scale_codes(q.scales)
+            self.register_buffer("scale_codes", codes.contiguous())
+            self.register_buffer("row_scales", rows.contiguous())
+            self.scales = None
+        else:
+            dtype = torch.float16 if q.fmt.scale_bits == 16 else torch.float32
+            self.register_buffer("scales", q.scales.to(dtype).contiguous())
         zeros = None if q.fmt.symmetric else pack_codes(q.zeros, q.fmt.bits)
         self.register_buffer("zeros", zeros)
 
+    def group_scales(self) -> torch.Tensor:
+        """Scales ``(N, blocks)``; with int8 scale codes a product of two constants (folded at load)."""
+        if self.scales is None:
+            return self.scale_codes.to(torch.float32) * self.row_scales.to(torch.float32)
+        return self.scales
+
     def dequantize(self) -> torch.Tensor:
-        return dequantize_packed(self.packed, self.scales, self.zeros, self.in_features, self.fmt.bits)
+        return dequantize_packed(self.packed, self.group_scales(), self.zeros, self.in_features, self.fmt.bits)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros) if t is not None)
+        return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
 class WeightOnlyLinear(nn.Module):
@@ -180,7 +192,7 @@ class WeightOnlyLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_q
-        y = matmul_nbits(x, w.packed, w.scales, w.zeros, w.in_features, w.out_features, w.fmt.bits, w.block_size)
+        y = matmul_nbits(x, w.packed, w.group_scales(), w.zeros, w.in_features, w.out_features, w.fmt.bits, w.block_size)
         return y if self.bias is None else y + self.bias
 
     def logical_params(self) -> int:
@@ -205,7 +217,7 @@ class WeightOnlyEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.weight_q
-        return gather_nbits(ids, t.packed, t.scales, t.zeros, t.in_features, t.fmt.bits)
+        return gather_nbits(ids, t.packed, t.group_scales(), t.zeros, t.in_features, t.fmt.bits)
 
     def logical_params(self) -> int:
         return self.num_embeddings * self.embedding_dim

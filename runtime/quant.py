@@ -25,9 +25,13 @@ class WeightFormat:
     bits: int = 4
     group_size: int = 128
     symmetric: bool = True
-    scale_bits: int = 32  # 16: scales stored as float16 (rounded when chosen, so every path agrees)
+    scale_bits: int = 32  # 16: float16 scales; 8: int8 scale codes times one float16 scale per row
 
     def round_scales(self, scale: torch.Tensor) -> torch.Tensor:
+        """Scales ``(N, G)`` as stored (rounded when chosen, so every path agrees)."""
+        if self.scale_bits == 8:
+            codes, row = scale_codes(scale)
+            return codes.float() * row.float()
         return scale.half().float() if self.scale_bits == 16 else scale.float()
 
     @property
@@ -50,7 +54,22 @@ class WeightFormat:
         blocks = -(-in_features // block)
         codes = out_features * blocks * block * self.bits // 8
         zeros = 0 if self.symmetric else out_features * -(-blocks * self.bits // 8)
-        return codes + out_features * blocks * self.scale_bits // 8 + zeros
+        rows = out_features * 2 if self.scale_bits == 8 else 0
+        return codes + out_features * blocks * self.scale_bits // 8 + rows + zeros
+
+
+def scale_codes(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group scales ``(N, G)`` as int8 codes times a float16 scale per row ``(N, 1)``.
+
+    A row's scales span a narrow range, so 8 bits hold them to 0.4% of the row's largest,
+    far below the int4 rounding they scale; on disk a scale costs 1 byte instead of 2.
+    Rounding twice gives the same codes: the largest scale maps to exactly +-127.
+    """
+    peak = scale.float().abs().amax(dim=-1, keepdim=True)
+    row = torch.where(peak > 0, peak / 127.0, torch.ones_like(peak)).half()
+    codes = torch.clamp(torch.round(scale.float() / row.float()), -127, 127)
+    codes = torch.where(codes == 0, torch.sign(scale.float()) + (scale == 0).float(), codes)  # never a zero scale
+    return codes.to(torch.int8), row
 
 
 def pad_to_blocks(w: torch.Tensor, block: int) -> torch.Tensor:
@@ -116,12 +135,13 @@ def quantize_weight(w: torch.Tensor, fmt: WeightFormat, scale: torch.Tensor | No
     padded = pad_to_blocks(w.float(), group).view(n, -1, group)
     if scale is None:
         scale, zero = group_params(padded, fmt)
+    scale = fmt.round_scales(scale)  # the codes are rounded against the scales as stored
     codes = to_codes(padded, scale[..., None], zero[..., None], fmt.levels).reshape(n, -1)
     codes = pad_to_blocks(codes[:, :k], block)  # MatMulNBits ignores codes past K
     if group == k:  # per channel: the row's scale repeated over every storage block
         blocks = codes.shape[1] // block
         scale, zero = scale.expand(n, blocks), zero.expand(n, blocks)
-    return QuantizedWeight(codes.to(torch.uint8), fmt.round_scales(scale).contiguous(), zero.to(torch.uint8), fmt, k)
+    return QuantizedWeight(codes.to(torch.uint8), scale.contiguous(), zero.to(torch.uint8), fmt, k)
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ class TritonWeightOnlyLinear(nn.Module):
         super().__init__()
         w = source.weight_q
         self.in_features, self.out_features, self.bits = w.in_features, w.out_features, w.fmt.bits
-        codes, scales, zeros = weight_only.prepare(w.packed, w.scales, w.zeros, w.fmt.bits, torch.float32)
+        codes, scales, zeros = weight_only.prepare(w.packed, w.group_scales(), w.zeros, w.fmt.bits, torch.float32)
         self.register_buffer("codes", codes)
         self.register_buffer("scales", scales)
         self.register_buffer("zeros", zeros)

@@ -7,7 +7,7 @@ from presso.passes.gptq import gptq_quantize, group_level, refit_scales
 from presso.passes.observers import RangeObserver
 from presso.runtime.nbits import PackedWeight, WeightOnlyLinear, _round_blocks_int8, dequantize_packed
 from presso.runtime.qdq import quantize_dequantize
-from presso.runtime.quant import WeightFormat, pack_codes, quantize_activation_params, quantize_weight, unpack_codes
+from presso.runtime.quant import WeightFormat, pack_codes, quantize_activation_params, quantize_weight, scale_codes, unpack_codes
 
 FORMATS = [WeightFormat(4, 32, True), WeightFormat(4, 64, False), WeightFormat(4, 128, True),
            WeightFormat(4, -1, False), WeightFormat(8, 64, True), WeightFormat(8, -1, False)]
@@ -165,3 +165,46 @@ def test_observers_narrow_the_range_on_outliers():
     assert errors["mse"][0] < errors["minmax"][0] and errors["mse"][1] < errors["minmax"][1]
     with pytest.raises(RuntimeError, match="no data"):
         RangeObserver().range()
+
+
+def test_output_observer_weighs_channels_by_the_weight():
+    # channel 0 carries rare large values but meets near-zero weights: clipping it is free for
+    # the output, so the output observer narrows the range where input-space minmax cannot
+    torch.manual_seed(0)
+    x = torch.randn(2048, 16)
+    x[::97, 0] = 60.0
+    w = torch.randn(8, 16)
+    w[:, 0] = 1e-3
+    outputs = {}
+    for kind in ("minmax", "output"):
+        obs = RangeObserver(kind, rows_per_batch=2048)
+        obs.update(x)
+        scale, zp = obs.params(w)
+        xq = (torch.clamp(torch.round(x / scale) + zp, 0, 255) - zp) * scale
+        outputs[kind] = (obs.range(w)[1], float((xq @ w.t() - x @ w.t()).pow(2).mean()))
+    assert outputs["output"][0] < 0.5 * outputs["minmax"][0]
+    assert outputs["output"][1] < 0.5 * outputs["minmax"][1]
+    obs = RangeObserver("output")
+    obs.update(x)
+    with pytest.raises(ValueError, match="weight"):
+        obs.range()
+
+
+def test_int8_scale_codes_round_once_and_halve_the_scale_bytes():
+    torch.manual_seed(0)
+    w = torch.randn(48, 200)
+    fmt8 = WeightFormat(4, 64, True, scale_bits=8)
+    q = quantize_weight(w, fmt8)
+    codes, rows = scale_codes(q.scales)
+    assert codes.dtype == torch.int8 and rows.dtype == torch.float16 and rows.shape == (48, 1)
+    assert torch.equal(codes.float() * rows.float(), q.scales)  # chosen on the stored grid
+    assert torch.equal(fmt8.round_scales(q.scales), q.scales)  # rounding again changes nothing
+    assert codes.abs().amax(1).eq(127).all() and codes.ne(0).all()
+    assert torch.equal(q.codes, quantize_weight(w, fmt8, q.scales, q.zeros).codes)
+    packed = PackedWeight(q)
+    assert packed.scales is None and packed.scale_codes.dtype == torch.int8
+    assert torch.equal(packed.dequantize(), q.dequantize())
+    assert packed.nbytes() == fmt8.bytes_for(48, 200) < WeightFormat(4, 64, True, scale_bits=16).bytes_for(48, 200)
+    fp16 = quantize_weight(w, WeightFormat(4, 64, True, scale_bits=16)).dequantize()
+    rel = lambda a: float((a - w).norm() / w.norm())  # noqa: E731
+    assert rel(q.dequantize()) < 1.02 * rel(fp16)  # 8-bit scales cost under 2% of the int4 error

@@ -88,6 +88,11 @@ def test_int4_exports_matmulnbits_and_shrinks_on_disk(symmetric, tmp_path):
     graph = onnx.load(str(path)).graph
     weights = {i.name for i in graph.initializer}
     assert {i.data_type for i in graph.initializer if "scales" in i.name} == {onnx.TensorProto.FLOAT16}
+    int8_scales = presso.make_pass("quantize_weights", bits=4, group_size=64, symmetric=symmetric,
+                                   embeddings="int4", scales="int8")
+    smaller = presso.compile(model, [int8_scales], example_inputs=ids, backend="onnxruntime")
+    assert smaller.report["backend_rel_error"] < 1e-4  # ONNX Runtime decodes the int8 scale codes alike
+    assert smaller.export(tmp_path / "s", kv_cache=False).stat().st_size < path.stat().st_size
     assert not any(n.op_type in ("MatMul", "Gemm") and set(n.input) & weights for n in graph.node)  # no float weight
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert all((len(n.input) == 4) != symmetric for n in nbits)  # zero points only when asymmetric
@@ -178,3 +183,17 @@ def test_static_int8_alone_checks_numerics_and_leaves_the_model_unchanged(name):
     p = presso.make_pass("quantize_static_int8", observer="percentile")
     compiled = check_pass(p, model, example, tolerance=0.06, calibration=calibration(name, example))
     assert compiled.report["passes"][0]["stats"]["quantized"] > 0
+
+
+def test_output_ranges_and_bias_correction_lower_the_error():
+    model, example = build("llama")
+    cal = calibration("llama", example)
+    errors = {}
+    for label, options in {"mse": dict(observer="mse"),
+                           "output+bias": dict(observer="output", bias_correction=True)}.items():
+        compiled = presso.compile(model, [presso.make_pass("quantize_static_int8", **options)],
+                                  example_inputs=example, calibration=cal)
+        errors[label] = compiled.report["rel_error"]
+        stats = compiled.report["passes"][0]["stats"]
+    assert stats["bias_correction_rel"] > 0
+    assert errors["output+bias"] < errors["mse"]
