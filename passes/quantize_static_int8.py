@@ -18,20 +18,19 @@ from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes.common import is_linear, linear_weight, matches
-from presso.passes.observers import OUTPUT_ROWS, RangeObserver
+from presso.passes.observers import RangeObserver
 from presso.passes.sensitivity import layer_errors, most_sensitive
 from presso.runtime.qdq import ActivationQuant, StaticInt8Conv2d, StaticInt8Linear
 
 
 @dataclass(frozen=True, kw_only=True)
 class StaticInt8Config(PassConfig):
-    observer: Literal["minmax", "percentile", "mse", "output"] = "minmax"
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 99.99  # for observer="percentile"
     activations: Literal["asymmetric", "symmetric"] = "asymmetric"  # uint8 with zero point, or int8
     convs: bool = True
     skip: tuple[str, ...] = ()
     keep_sensitive: int = 0  # this many most sensitive layers stay in float
-    bias_correction: bool = False  # subtract each layer's mean output error, measured on calibration data
 
     def validate(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -68,9 +67,6 @@ class QuantizeStaticInt8(Pass):
             stats["kept_in_float"] = kept
         for path, module in chosen.items():
             graph.module.set_submodule(path, replacement(module, acts[path]))
-        if cfg.bias_correction and chosen:
-            shifts = correct_biases(graph, chosen, ctx)
-            stats["bias_correction_rel"] = round(max(shifts.values()), 6)
         stats["quantized"] = len(chosen)
         return PassResult(graph, modified=bool(chosen), stats=stats)
 
@@ -78,10 +74,7 @@ class QuantizeStaticInt8(Pass):
     def _calibrate(self, graph: Graph, chosen: dict[str, nn.Module], ctx: Context) -> dict[str, ActivationQuant]:
         cfg = self.config
         symmetric = cfg.activations == "symmetric"
-        per_batch = -(-OUTPUT_ROWS // max(len(ctx.calibration or []), 1))
-        kinds = {p: "mse" if cfg.observer == "output" and not is_linear(m) else cfg.observer  # convs: no rows
-                 for p, m in chosen.items()}
-        observers = {p: RangeObserver(kinds[p], cfg.percentile, symmetric, rows_per_batch=per_batch) for p in chosen}
+        observers = {p: RangeObserver(cfg.observer, cfg.percentile, symmetric) for p in chosen}
         handles = [m.register_forward_pre_hook(lambda _m, args, p=p: observers[p].update(args[0]))
                    for p, m in chosen.items()]
         try:
@@ -90,45 +83,7 @@ class QuantizeStaticInt8(Pass):
         finally:
             for h in handles:
                 h.remove()
-        weights = {p: linear_weight(m)[0] if kinds[p] == "output" else None for p, m in chosen.items()}
-        return {p: ActivationQuant(*obs.params(weights[p]), symmetric) for p, obs in observers.items()}
-
-
-@torch.no_grad()
-def correct_biases(graph: Graph, originals: dict[str, nn.Module], ctx: Context) -> dict[str, float]:
-    """Fold each quantized layer's mean output error (per channel) into its bias.
-
-    The error is measured on the inputs the quantized model itself produces, against the
-    float layer on the same inputs, so it is this layer's own rounding and clipping bias.
-    Returns each correction's size relative to the output's RMS.
-    """
-    sums: dict[str, list] = {p: [0.0, 0, 0.0] for p in originals}
-
-    def hook(path: str):
-        def fn(module, args, out):
-            channel = 1 if isinstance(module, StaticInt8Conv2d) else -1
-            err = (out - originals[path](*args)).float().movedim(channel, -1)
-            err = err.reshape(-1, err.shape[-1])
-            acc = sums[path]
-            acc[0] = acc[0] + err.sum(0)
-            acc[1] += err.shape[0]
-            acc[2] += float(out.float().pow(2).sum())
-        return fn
-
-    handles = [graph.module.get_submodule(p).register_forward_hook(hook(p)) for p in originals]
-    try:
-        for inputs in ctx.calibration_batches(desc="quantize_static_int8: bias correction"):
-            graph.run(inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    shifts = {}
-    for path, (total, count, energy) in sums.items():
-        module = graph.module.get_submodule(path)
-        mean = total / max(count, 1)
-        module.bias = -mean if module.bias is None else module.bias - mean
-        shifts[path] = float(mean.norm()) / max((energy / max(count, 1)) ** 0.5, 1e-12)
-    return shifts
+        return {p: ActivationQuant(*obs.params(), symmetric) for p, obs in observers.items()}
 
 
 def replacement(module: nn.Module, act: ActivationQuant) -> nn.Module:
