@@ -26,18 +26,21 @@ def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 
 def _configs() -> list[triton.Config]:
+    # a tile of TILE_W words sits inside one quantization block (TILE_W divides its words);
+    # many programs (SPLIT_K up to 32) keep enough loads in flight to stream the weight
     return tuning.grid(("BLOCK_N", "TILE_W", "SPLIT_K"), [
-        (128, 16, 8, 4), (256, 16, 8, 4), (256, 32, 4, 4), (512, 16, 4, 8), (256, 16, 16, 4), (128, 32, 16, 4),
-        (512, 32, 2, 8), (256, 8, 16, 4), (128, 16, 4, 4), (64, 32, 16, 4), (256, 32, 8, 8), (512, 16, 8, 8)],
+        (512, 8, 32, 4), (512, 8, 16, 4), (1024, 16, 32, 8), (1024, 8, 32, 8), (256, 16, 16, 4), (512, 16, 8, 4),
+        (256, 8, 32, 4), (128, 8, 16, 4), (128, 4, 16, 4), (512, 4, 32, 4), (256, 4, 16, 4), (64, 4, 8, 2)],
         flag="ONE_PLUS")
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
-    words, n = args["WORDS"], args["N"]
-    kept = [c for c in configs if c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
+    words, n, words_per_group = args["WORDS"], args["N"], args["GROUP"] * args["BITS"] // 32
+    kept = [c for c in configs if words_per_group % c.kwargs["TILE_W"] == 0
+            and c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
             and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
-    return kept or [triton.Config(dict(BLOCK_N=64, TILE_W=8, SPLIT_K=1, ONE_PLUS=1), num_warps=4)]
+    return kept or [triton.Config(dict(BLOCK_N=64, TILE_W=2, SPLIT_K=1, ONE_PLUS=1), num_warps=4)]
 
 
 @triton.jit
@@ -76,12 +79,12 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
         mask_w = rw < WORDS
         mask = mask_w[:, None] & mask_n[None, :]
         words = tl.load(w_ptr + rw[:, None] * N + rn[None, :], mask=mask, other=0)
-        block = rw // WPG
-        scale = tl.load(s_ptr + block[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
+        block = (t * TILE_W) // WPG  # the tile's one quantization block
+        scale = tl.load(s_ptr + block * N + rn, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if HAS_ZEROS:
-            zero = tl.load(z_ptr + block[:, None] * N + rn[None, :], mask=mask, other=0).to(tl.float32)
+            zero = tl.load(z_ptr + block * N + rn, mask=mask_n, other=0).to(tl.float32)[None, :]
         else:
-            zero = tl.full((TILE_W, BLOCK_N), 1 << (BITS - 1), tl.float32)
+            zero = 1 << (BITS - 1)
         dot = tl.zeros((TILE_W, BLOCK_N), dtype=tl.float32)
         x_sum = tl.zeros((TILE_W,), dtype=tl.float32)
         for j in tl.static_range(CPW):
@@ -110,6 +113,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     group = n_words * (32 // bits) // blocks
     x1 = x.reshape(k).contiguous()
     out = torch.empty(n, device=x.device, dtype=x.dtype)
+    if config is not None and (n_words // blocks) % config["TILE_W"]:
+        raise ValueError(f"TILE_W={config['TILE_W']} must divide the {n_words // blocks} words of one quantization block")
     if config is not None and config.get("SPLIT_K", 1) > 1:
         out.zero_()
     kernel = _gemv_words_kernel if config is None else _gemv_words_kernel.fn

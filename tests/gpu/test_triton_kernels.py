@@ -65,10 +65,13 @@ def test_word_gemv_matches_reference(n, k, bits, group, symmetric):
     bias = torch.randn(n, device="cuda")
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
-    for config in (dict(BLOCK_N=64, TILE_W=8, SPLIT_K=3), dict(BLOCK_N=256, TILE_W=32, SPLIT_K=1), None):
+    words_per_group = words[0].shape[0] // words[1].shape[0]  # a tile must stay inside one block
+    for config in (dict(BLOCK_N=64, TILE_W=2, SPLIT_K=3), dict(BLOCK_N=256, TILE_W=words_per_group, SPLIT_K=1), None):
         got = gemv_words.gemv_words(x, *words, k, bits, bias.bfloat16(), config=config)
         assert got.shape == (1, n) and got.dtype == torch.bfloat16
         assert rel(got, ref) < TOLERANCE, config
+    with pytest.raises(ValueError, match="TILE_W"):
+        gemv_words.gemv_words(x, *words, k, bits, config=dict(BLOCK_N=64, TILE_W=2 * words_per_group, SPLIT_K=1))
     got = weight_only.weight_only_matmul(x, *operands, k, bits, bias.bfloat16(), words=words)
     assert rel(got, ref) < TOLERANCE
 
