@@ -132,10 +132,10 @@ def int4_recipes(group: int) -> list[tuple[str, list]]:
              [mp("quantize_weights", bits=4, group_size=group, method=method, skip=("lm_head",),
                  **(ordered if "gptq" in method else {}))])
             for method in ("rtn", "gptq", "awq")]
-    rows += [(f"presso int4 sym g{group} {method.upper()} + int8 embeddings/lm_head",
-              [mp("quantize_weights", bits=4, group_size=group, method=method, embeddings="int8",
-                  **(ordered if "gptq" in method else {}))])
-             for method in ("gptq", "awq+gptq")]
+    rows += [(f"presso int4 sym g{group} AWQ+GPTQ + int8 embeddings/lm_head, {scales} scales",
+              [mp("quantize_weights", bits=4, group_size=group, method="awq+gptq", embeddings="int8", scales=scales,
+                  **ordered)])
+             for scales in ("float16", "int8")]
     return rows
 
 
