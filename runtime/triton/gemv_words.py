@@ -4,9 +4,15 @@ The row layout (:mod:`weight_only`) keeps a tile inside one quantization block, 
 reads at most ``BLOCK_N x GROUP/2`` bytes per step: too few bytes in flight to stream the
 weight at memory speed. Here the codes are regrouped once into 32-bit words along K and
 transposed to ``(K / codes_per_word, N)``: neighbouring threads read neighbouring output
-columns (16-byte loads), a step spans any number of quantization blocks, and each word
-unpacks into ``32 / bits`` codes with shifts and masks. Scales (and zero points) are
-transposed the same way, ``(blocks, N)``.
+columns (16-byte loads), and each word unpacks into ``32 / bits`` codes. Scales (and zero
+points) are transposed the same way, ``(blocks, N)``; a tile of words stays inside one
+quantization block, so it loads one scale vector.
+
+Three ways to unpack (``DEQUANT``, autotuned): 0, shift, mask and convert each code; 1, move
+the code under the exponent of 1.0 (``1 + c/16``: no convert); 2, for symmetric int4, two
+codes per 32-bit register as half-precision pairs (``c - 8`` in both halves by one ``lop3``
+and one subtraction), multiplied by activation pairs with packed ``fma.f16x2``: half the
+instructions per code. The batch-1 kernel is bound by instruction issue, not by the bytes.
 """
 from __future__ import annotations
 
@@ -27,20 +33,23 @@ def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
 
 def _configs() -> list[triton.Config]:
     # a tile of TILE_W words sits inside one quantization block (TILE_W divides its words);
-    # many programs (SPLIT_K up to 32) keep enough loads in flight to stream the weight
+    # many programs (SPLIT_K up to 64) keep enough loads in flight to stream the weight
     return tuning.grid(("BLOCK_N", "TILE_W", "SPLIT_K"), [
-        (512, 8, 32, 4), (512, 8, 16, 4), (1024, 16, 32, 8), (1024, 8, 32, 8), (256, 16, 16, 4), (512, 16, 8, 4),
-        (256, 8, 32, 4), (128, 8, 16, 4), (128, 4, 16, 4), (512, 4, 32, 4), (256, 4, 16, 4), (64, 4, 8, 2)],
-        flag="ONE_PLUS")
+        (512, 8, 32, 4), (512, 8, 64, 4), (1024, 4, 32, 4), (256, 4, 64, 4), (256, 8, 32, 4), (1024, 16, 32, 8),
+        (256, 16, 16, 4), (128, 8, 16, 4), (128, 4, 16, 4), (512, 4, 32, 4), (64, 4, 8, 2),
+        (256, 4, 16, 4), (256, 8, 8, 4), (128, 8, 8, 4)],  # the last three for K of a few hundred (SmolLM2)
+        flag="DEQUANT", flag_values=(1, 2))
 
 
 def _prune(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     words, n, words_per_group = args["WORDS"], args["N"], args["GROUP"] * args["BITS"] // 32
+    half2 = args["BITS"] == 4 and not args["HAS_ZEROS"]
     kept = [c for c in configs if words_per_group % c.kwargs["TILE_W"] == 0
             and c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
-            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))]
-    return kept or [triton.Config(dict(BLOCK_N=64, TILE_W=2, SPLIT_K=1, ONE_PLUS=1), num_warps=4)]
+            and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
+            and (c.kwargs["DEQUANT"] != 2 or half2)]
+    return kept or [triton.Config(dict(BLOCK_N=64, TILE_W=2, SPLIT_K=1, DEQUANT=1), num_warps=4)]
 
 
 @triton.jit
@@ -60,11 +69,68 @@ def _code(words, pos: tl.constexpr, BITS: tl.constexpr, MASK: tl.constexpr, ONE_
     return (((words >> pos) & MASK) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
+@triton.jit
+def _half2_pair(lo, hi):
+    """Two activations as one 32-bit register of half precision, pre-scaled by 1/16 so that a
+    lane's four products (codes -8..7) stay finite for activations up to 32k in magnitude."""
+    return tl.inline_asm_elementwise("mov.b32 $0, {$1, $2};", "=r,h,h",
+                                     [(lo.to(tl.float32) * 0.0625).to(tl.float16),
+                                      (hi.to(tl.float32) * 0.0625).to(tl.float16)],
+                                     dtype=tl.int32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot8_half2(words, p0, p1, p2, p3):
+    """``sum_j x_j (c_j - 8) / 16`` over each word's 8 codes; ``p_k`` holds activations k and k+4.
+
+    ``(w >> 4k) & 0x000F000F | 0x64006400`` is the half pair ``(1024 + c_k, 1024 + c_{k+4})``;
+    subtracting 1032 leaves ``c - 8`` exactly, and one packed FMA takes two codes.
+    """
+    return tl.inline_asm_elementwise(
+        """
+        {
+        .reg .b32 t, v, acc, bias, nib, mag;
+        .reg .f16 lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b32 bias, 0x64086408;
+        mov.b32 nib, 0x000F000F;
+        mov.b32 mag, 0x64006400;
+        lop3.b32 v, $1, nib, mag, 0xEA;
+        sub.f16x2 v, v, bias;
+        mul.f16x2 acc, v, $2;
+        shr.u32 t, $1, 4;
+        lop3.b32 v, t, nib, mag, 0xEA;
+        sub.f16x2 v, v, bias;
+        fma.rn.f16x2 acc, v, $3, acc;
+        shr.u32 t, $1, 8;
+        lop3.b32 v, t, nib, mag, 0xEA;
+        sub.f16x2 v, v, bias;
+        fma.rn.f16x2 acc, v, $4, acc;
+        shr.u32 t, $1, 12;
+        lop3.b32 v, t, nib, mag, 0xEA;
+        sub.f16x2 v, v, bias;
+        fma.rn.f16x2 acc, v, $5, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        }
+        """,
+        "=f,r,r,r,r,r", [words, p0, p1, p2, p3], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w):
+    lo = tl.load(x_ptr + base + k, mask=mask_w & (base + k < K), other=0.0)
+    hi = tl.load(x_ptr + base + k + 4, mask=mask_w & (base + k + 4 < K), other=0.0)
+    return _half2_pair(lo, hi)[:, None]
+
+
 @triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS"], prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORDS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr, ONE_PLUS: tl.constexpr):
+                       BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr, DEQUANT: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS  # codes per word
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
@@ -85,17 +151,23 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
             zero = tl.load(z_ptr + block * N + rn, mask=mask_n, other=0).to(tl.float32)[None, :]
         else:
             zero = 1 << (BITS - 1)
-        dot = tl.zeros((TILE_W, BLOCK_N), dtype=tl.float32)
-        x_sum = tl.zeros((TILE_W,), dtype=tl.float32)
-        for j in tl.static_range(CPW):
-            rk = rw * CPW + j
-            x = tl.load(x_ptr + rk, mask=mask_w & (rk < K), other=0.0).to(tl.float32)
-            dot += x[:, None] * _code(words, j * BITS, BITS, MASK, ONE_PLUS)
-            x_sum += x
-        if ONE_PLUS:  # dot = sum x (1 + c / 2**BITS)
-            acc += ((dot - x_sum[:, None]) * (1 << BITS) - x_sum[:, None] * zero) * scale
+        if DEQUANT == 2:  # symmetric int4: zero point 8 is subtracted inside
+            base = rw * CPW
+            dot = _dot8_half2(words, _x_pair(x_ptr, base, 0, K, mask_w), _x_pair(x_ptr, base, 1, K, mask_w),
+                              _x_pair(x_ptr, base, 2, K, mask_w), _x_pair(x_ptr, base, 3, K, mask_w))
+            acc += dot * (scale * 16.0)
         else:
-            acc += (dot - x_sum[:, None] * zero) * scale
+            dot = tl.zeros((TILE_W, BLOCK_N), dtype=tl.float32)
+            x_sum = tl.zeros((TILE_W,), dtype=tl.float32)
+            for j in tl.static_range(CPW):
+                rk = rw * CPW + j
+                x = tl.load(x_ptr + rk, mask=mask_w & (rk < K), other=0.0).to(tl.float32)
+                dot += x[:, None] * _code(words, j * BITS, BITS, MASK, DEQUANT == 1)
+                x_sum += x
+            if DEQUANT == 1:  # dot = sum x (1 + c / 2**BITS)
+                acc += ((dot - x_sum[:, None]) * (1 << BITS) - x_sum[:, None] * zero) * scale
+            else:
+                acc += (dot - x_sum[:, None] * zero) * scale
     result = tl.sum(acc, axis=0)
     if HAS_BIAS:
         result += tl.load(bias_ptr + rn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
@@ -113,6 +185,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     group = n_words * (32 // bits) // blocks
     x1 = x.reshape(k).contiguous()
     out = torch.empty(n, device=x.device, dtype=x.dtype)
+    if config is not None and config.get("DEQUANT") == 2 and (bits != 4 or zeros_t is not None):
+        raise ValueError("DEQUANT=2 (half-precision pairs) is for symmetric int4 only")
     if config is not None and (n_words // blocks) % config["TILE_W"]:
         raise ValueError(f"TILE_W={config['TILE_W']} must divide the {n_words // blocks} words of one quantization block")
     if config is not None and config.get("SPLIT_K", 1) > 1:
@@ -125,5 +199,5 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     kernel[grid](x1, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, n, k, n_words, BITS=bits, GROUP=group,
                  HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None,
-                 **({} if config is None else {"num_warps": 4, "ONE_PLUS": 1} | config))
+                 **({} if config is None else {"num_warps": 4, "DEQUANT": 1} | config))
     return out.reshape(*x.shape[:-1], n)

@@ -66,10 +66,21 @@ def test_word_gemv_matches_reference(n, k, bits, group, symmetric):
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
     words_per_group = words[0].shape[0] // words[1].shape[0]  # a tile must stay inside one block
-    for config in (dict(BLOCK_N=64, TILE_W=2, SPLIT_K=3), dict(BLOCK_N=256, TILE_W=words_per_group, SPLIT_K=1), None):
+    half2 = bits == 4 and symmetric
+    configs = [dict(BLOCK_N=64, TILE_W=2, SPLIT_K=3, DEQUANT=0), dict(BLOCK_N=256, TILE_W=words_per_group, SPLIT_K=1),
+               None] + [dict(BLOCK_N=128, TILE_W=2, SPLIT_K=5, DEQUANT=2)] * half2
+    for config in configs:
         got = gemv_words.gemv_words(x, *words, k, bits, bias.bfloat16(), config=config)
         assert got.shape == (1, n) and got.dtype == torch.bfloat16
         assert rel(got, ref) < TOLERANCE, config
+    if half2:  # activations far outside float16's comfortable range stay finite and accurate
+        big = x * 3000
+        got = gemv_words.gemv_words(big, *words, k, bits, config=dict(BLOCK_N=128, TILE_W=2, SPLIT_K=1, DEQUANT=2))
+        assert torch.isfinite(got).all()
+        assert rel(got, weight_only_reference(big, packed.packed, packed.scales, packed.zeros, k, bits)) < TOLERANCE
+    else:
+        with pytest.raises(ValueError, match="symmetric int4"):
+            gemv_words.gemv_words(x, *words, k, bits, config=dict(BLOCK_N=64, TILE_W=2, SPLIT_K=1, DEQUANT=2))
     with pytest.raises(ValueError, match="TILE_W"):
         gemv_words.gemv_words(x, *words, k, bits, config=dict(BLOCK_N=64, TILE_W=2 * words_per_group, SPLIT_K=1))
     got = weight_only.weight_only_matmul(x, *operands, k, bits, bias.bfloat16(), words=words)
