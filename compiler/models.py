@@ -7,6 +7,7 @@ last) and rebuilt.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -14,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -88,9 +89,29 @@ def load_gguf(file: Path, name: str) -> tuple[Any, Any]:
 
     target = cache_dir() / name
     if not _cache_valid(target, file):
-        _build_cache(file, target)
+        with _build_lock(target):  # another process may be building it: wait, then look again
+            if not _cache_valid(target, file):
+                _build_cache(file, target)
     model = AutoModelForCausalLM.from_pretrained(str(target), local_files_only=True, dtype=torch.float32)
     return model.eval(), AutoTokenizer.from_pretrained(str(target), local_files_only=True)
+
+
+@contextlib.contextmanager
+def _build_lock(target: Path) -> Iterator[None]:
+    """An exclusive lock beside the cache folder (where ``fcntl`` exists), so parallel test
+    workers or jobs build the cache once and never replace it under a reader."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no lock; the atomic replace still keeps the cache whole
+        yield
+        return
+    with open(target.parent / f".{target.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _fingerprint(source: Path) -> dict[str, Any]:
