@@ -102,10 +102,8 @@ def nncf_int4(group: int) -> Callable:
     def quantize(fp32: Path, out: Path, feeds) -> None:
         import nncf
 
-        # presso's files leave intermediate shapes to the runtime; NNCF reads them from the file
-        model = onnx.shape_inference.infer_shapes(untie_transposed_weights(onnx.load(str(fp32))))
         compressed = nncf.compress_weights(
-            model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group, ratio=1.0,
+            untie_transposed_weights(onnx.load(str(fp32))), mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group, ratio=1.0,
             awq=True, scale_estimation=True, dataset=nncf.Dataset(feeds))
         onnx.save(compressed, str(out))
     return quantize

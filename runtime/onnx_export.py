@@ -75,9 +75,6 @@ def write_program(program: torch.export.ExportedProgram, input_names: list[str],
         tidy(onnx_program.model)
         for node in onnx_program.model.graph.all_nodes():
             node.metadata_props.clear()  # per-node source traces; they would dwarf small models
-            for value in node.outputs:  # intermediate shapes: ONNX Runtime infers them at load
-                if not value.is_graph_output():
-                    value.shape, value.type = None, None
         weight_bytes = sum(t.numel() * t.element_size() for t in program.state_dict.values())
         onnx_program.save(str(path), external_data=weight_bytes > EXTERNAL_DATA_BYTES)
         onnx.checker.check_model(str(path))
