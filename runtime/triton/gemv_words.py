@@ -12,7 +12,8 @@ Three ways to unpack (``DEQUANT``, autotuned): 0, shift, mask and convert each c
 the code under the exponent of 1.0 (``1 + c/16``: no convert); 2, for symmetric int4, two
 codes per 32-bit register as half-precision pairs (``c - 8`` in both halves by one ``lop3``
 and one subtraction), multiplied by activation pairs with packed ``fma.f16x2``: half the
-instructions per code. The batch-1 kernel is bound by instruction issue, not by the bytes.
+instructions per code, since an instruction count (an estimate, not a profile) puts the
+batch-1 kernel near the limit of instruction issue rather than of memory bandwidth.
 """
 from __future__ import annotations
 
