@@ -12,12 +12,13 @@ def presso_register_passes(registrar) -> None:
     from presso.passes.quantize_static_int8 import QuantizeStaticInt8
     from presso.passes.prune_structured import PruneStructured
     from presso.passes.quantize_weights import QuantizeWeights
+    from presso.passes.rotate_residual import RotateResidual
     from presso.passes.share_attention_heads import ShareAttentionHeads
     from presso.passes.smooth_quant import SmoothQuant
     from presso.passes.split_low_rank import SplitLowRank
 
-    for p in (PruneStructured, QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, ShareAttentionHeads,
-              SmoothQuant, SplitLowRank):
+    for p in (PruneStructured, QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, RotateResidual,
+              ShareAttentionHeads, SmoothQuant, SplitLowRank):
         registrar.add_pass(p)
 
 
