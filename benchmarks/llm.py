@@ -118,6 +118,8 @@ def eager_peer_row(label, quantize, model) -> dict:
 def int8_recipes() -> list[tuple[str, list]]:
     mp = presso.make_pass
     return [("presso quantize_dynamic_int8 (W8A8 dynamic, per-token)", [mp("quantize_dynamic_int8")]),
+            ("presso rotate_residual(online) + quantize_dynamic_int8 (W8A8 dynamic, per-token)",
+             [mp("rotate_residual", online=True), mp("quantize_dynamic_int8")]),
             ("presso smooth_quant + quantize_static_int8 (W8A8 static)",
              [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse", keep_sensitive=SENSITIVE)]),
             ("presso quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)]),

@@ -25,7 +25,7 @@ from torch import nn
 from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
-from presso.passes.rotation import random_orthogonal
+from presso.passes.rotation import hadamard_factors, kron_apply, random_orthogonal
 
 ATTN_INPUTS, MLP_INPUTS, MLP_OUTPUT = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), "down_proj"
 
@@ -34,6 +34,7 @@ ATTN_INPUTS, MLP_INPUTS, MLP_OUTPUT = ("q_proj", "k_proj", "v_proj"), ("gate_pro
 class RotateResidualConfig(PassConfig):
     kind: Literal["hadamard", "random"] = "hadamard"  # hadamard falls back to random where none is built
     heads: bool = True  # also rotate each value head (o_proj's input)
+    online: bool = False  # also rotate down_proj's input, by small Kronecker matmuls per token
     seed: int = 0
 
 
@@ -113,6 +114,35 @@ class UnrotatedNorm(nn.Module):
         return self.norm(x @ self.rotation.t())
 
 
+class RotatedInputLinear(nn.Module):
+    """``linear(x @ R)`` with ``R = diag(signs) kron(factors)`` applied per token (QuaRot's online
+    Hadamard); ``linear`` holds ``W R``, so the function is unchanged and ``linear`` sees flat inputs."""
+
+    def __init__(self, linear: nn.Linear, signs: torch.Tensor, factors: list[torch.Tensor]):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("signs", signs)
+        self.factor_names = [f"factor{i}" for i in range(len(factors))]
+        for name, f in zip(self.factor_names, factors):
+            self.register_buffer(name, f)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(kron_apply(x * self.signs, [getattr(self, n) for n in self.factor_names]))
+
+
+def rotate_input_online(linear: nn.Linear, seed: int) -> RotatedInputLinear:
+    n = linear.in_features
+    factors = hadamard_factors(n)
+    if factors is None:
+        raise ConfigError(f"rotate_residual(online=True): no Hadamard matrix of order {n} is built here "
+                          f"(orders 2^k times 12s and 20s)", hint="pass online=False")
+    factors = [f / f.shape[0] ** 0.5 for f in factors]
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 2)).double() * 2 - 1
+    _set(linear, kron_apply(linear.weight.double() * signs, factors), linear.bias)
+    dtype = linear.weight.dtype
+    return RotatedInputLinear(linear, signs.to(dtype), [f.to(dtype) for f in factors])
+
+
 class RotateResidual(Pass):
     name = "rotate_residual"
     Config = RotateResidualConfig
@@ -128,6 +158,8 @@ class RotateResidual(Pass):
         q = random_orthogonal(hidden, cfg.seed, cfg.kind)
         for layer in layout.layers:
             rotate_layer(layer, q, cfg.heads, cfg.seed)
+            if cfg.online:
+                layer.mlp.down_proj = rotate_input_online(layer.mlp.down_proj, cfg.seed)
         tied = layout.head.weight is layout.embed.weight
         if tied:
             layout.base.embed_tokens = RotatedEmbedding(layout.embed, q.to(layout.embed.weight.dtype))
@@ -136,7 +168,8 @@ class RotateResidual(Pass):
             _set(layout.embed, layout.embed.weight.double() @ q)
             _fold_norm_into(layout.final_norm, [layout.head], q)
         return PassResult(graph, True, {"layers": len(layout.layers), "hidden": hidden, "tied_embedding": tied,
-                                        "online_matmuls": 2 if tied else 0, "heads": cfg.heads})
+                                        "online_matmuls": 2 if tied else 0, "heads": cfg.heads,
+                                        "online_down_proj": cfg.online})
 
 
 @torch.no_grad()

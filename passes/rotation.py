@@ -35,6 +35,33 @@ def hadamard(n: int) -> torch.Tensor | None:
     return h if rest == 1 else None
 
 
+def hadamard_factors(n: int) -> list[torch.Tensor] | None:
+    """Small Hadamard matrices whose Kronecker product has order ``n`` (each at most 32), or None."""
+    out, rest = [], n
+    for q in _PALEY_PRIMES:
+        while rest % (q + 1) == 0:
+            out.append(paley(q))
+            rest //= q + 1
+    size = 1
+    while rest % 2 == 0:
+        size, rest = size * 2, rest // 2
+        if size == 32 or rest % 2:
+            out.append(hadamard(size))
+            size = 1
+    return out if rest == 1 and out else None
+
+
+def kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
+    """``x @ kron(*factors)`` along the last axis, one small matmul per factor (n * sum(sizes)
+    multiply-adds per row instead of n^2)."""
+    shape = x.shape
+    x = x.reshape(*shape[:-1], *(f.shape[0] for f in factors))
+    axes = len(factors)
+    for i, f in enumerate(factors):
+        x = (x.movedim(i - axes, -1) @ f).movedim(-1, i - axes)
+    return x.reshape(shape)
+
+
 def random_orthogonal(n: int, seed: int, kind: str = "hadamard") -> torch.Tensor:
     """An ``n x n`` orthogonal matrix (float64): randomized Hadamard if ``kind`` asks and one
     exists, else the Q factor of a Gaussian matrix."""

@@ -4,8 +4,8 @@ import torch
 
 import presso
 from presso.errors import ConfigError
-from presso.passes.rotate_residual import RotatedEmbedding, UnrotatedNorm
-from presso.passes.rotation import hadamard, random_orthogonal
+from presso.passes.rotate_residual import RotatedEmbedding, RotatedInputLinear, UnrotatedNorm
+from presso.passes.rotation import hadamard, hadamard_factors, kron_apply, random_orthogonal
 from presso.testing import check_pass
 
 from models import build, other_inputs, small_llama
@@ -45,6 +45,30 @@ def test_tied_embedding_is_rotated_online_and_stays_tied():
     assert isinstance(inner.embed_tokens, RotatedEmbedding) and isinstance(inner.norm, UnrotatedNorm)
     assert compiled.module.lm_head.weight is inner.embed_tokens.embedding.weight
     assert compiled.report["passes"][0]["stats"]["online_matmuls"] == 2
+
+
+def test_online_rotation_of_down_proj_inputs_is_exact_and_exports():
+    model = small_llama()
+    model.lm_head.weight = model.model.embed_tokens.weight
+    example = torch.randint(3, 2000, (1, 12))
+    compiled = check_pass(presso.make_pass("rotate_residual", online=True), model, example, tolerance=1e-5)
+    assert all(isinstance(layer.mlp.down_proj, RotatedInputLinear) for layer in compiled.module.model.layers)
+    both = presso.compile(model, [presso.make_pass("rotate_residual", online=True),
+                                  presso.make_pass("quantize_dynamic_int8")], example_inputs=example,
+                          backend="onnxruntime")
+    assert both.report["passes"][1]["stats"]["quantized"] > 0  # the linear inside the rotation too
+    assert both.report["backend_rel_error"] < 1e-3
+
+
+def test_kron_apply_matches_the_dense_product():
+    factors = hadamard_factors(1536)
+    assert [f.shape[0] for f in factors] == [12, 32, 4]
+    dense = factors[0]
+    for f in factors[1:]:
+        dense = torch.kron(dense, f)
+    x = torch.randn(2, 3, 1536, dtype=torch.float64)
+    assert torch.allclose(kron_apply(x, factors), x @ dense, atol=1e-9)
+    assert hadamard_factors(14) is None
 
 
 def _attn_input_peak(model, example) -> float:
