@@ -113,6 +113,7 @@ def weight_sets(n: int, k: int) -> list[dict]:
         q8, s8 = quantize_per_channel_int8(w.float())
         one = dict(bf16=w, int4=int4_operands(w)[0], int8=int8_operands(w)[0], w8a8=(q8.contiguous(), s8.float()))
         one["int4w"] = prepare_words(*one["int4"])
+        one["int8w"] = prepare_words(*one["int8"])
         try:
             one["tiny"] = tinygemm_operands(w)
         except RuntimeError as exc:
@@ -140,7 +141,8 @@ def kernel_rows(copy_bw: float) -> list[dict]:
                                                                                   words=s["int4w"])
                                       for s in sets], first["int4"][0].numel() + first["int4"][1].numel() * 2),
                 "presso int8 weight-only": (
-                    [lambda s=s: weight_only.weight_only_matmul(x, s["int8"][0], s["int8"][1], None, k, 8) for s in sets],
+                    [lambda s=s: weight_only.weight_only_matmul(x, s["int8"][0], s["int8"][1], None, k, 8,
+                                                                words=s["int8w"]) for s in sets],
                     first["int8"][0].numel() + first["int8"][1].numel() * 2),
                 "presso W8A8": ([lambda s=s: w8a8.w8a8_matmul(x, *s["w8a8"]) for s in sets], n * k + n * 4),
             }

@@ -38,8 +38,9 @@ def _configs() -> list[triton.Config]:
     return tuning.grid(("BLOCK_N", "TILE_W", "SPLIT_K"), [
         (512, 8, 32, 4), (512, 8, 64, 4), (1024, 4, 32, 4), (256, 4, 64, 4), (256, 8, 32, 4), (1024, 16, 32, 8),
         (256, 16, 16, 4), (128, 8, 16, 4), (128, 4, 16, 4), (512, 4, 32, 4), (64, 4, 8, 2),
-        (256, 4, 16, 4), (256, 8, 8, 4), (128, 8, 8, 4)],  # the last three for K of a few hundred (SmolLM2)
-        flag="DEQUANT", flag_values=(1, 2))
+        (256, 4, 16, 4), (256, 8, 8, 4), (128, 8, 8, 4),  # these three for K of a few hundred (SmolLM2)
+        (1024, 8, 64, 8)],  # int8 at 4096 columns
+        flag="DEQUANT", flag_values=(0, 1, 2))
 
 
 def _prune(configs, named_args, **kwargs):
@@ -49,7 +50,8 @@ def _prune(configs, named_args, **kwargs):
     kept = [c for c in configs if words_per_group % c.kwargs["TILE_W"] == 0
             and c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
             and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
-            and (c.kwargs["DEQUANT"] != 2 or half2)]
+            and (c.kwargs["DEQUANT"] != 2 or half2)
+            and (c.kwargs["DEQUANT"] != 0 or args["BITS"] == 8)]  # plain converts won only for int8 (H100 sweep)
     return kept or [triton.Config(dict(BLOCK_N=64, TILE_W=2, SPLIT_K=1, DEQUANT=1), num_warps=4)]
 
 
