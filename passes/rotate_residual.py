@@ -25,7 +25,7 @@ from torch import nn
 from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
-from presso.passes.rotation import hadamard_factors, kron_apply, random_orthogonal
+from presso.passes.rotation import hadamard_factors, kron_apply, kron_split, random_orthogonal
 
 ATTN_INPUTS, MLP_INPUTS, MLP_OUTPUT = ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), "down_proj"
 
@@ -115,19 +115,18 @@ class UnrotatedNorm(nn.Module):
 
 
 class RotatedInputLinear(nn.Module):
-    """``linear(x @ R)`` with ``R = diag(signs) kron(factors)`` applied per token (QuaRot's online
+    """``linear(x @ R)`` with ``R = diag(signs) kron(left, right)`` applied per token (QuaRot's online
     Hadamard); ``linear`` holds ``W R``, so the function is unchanged and ``linear`` sees flat inputs."""
 
-    def __init__(self, linear: nn.Linear, signs: torch.Tensor, factors: list[torch.Tensor]):
+    def __init__(self, linear: nn.Linear, signs: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
         super().__init__()
         self.linear = linear
         self.register_buffer("signs", signs)
-        self.factor_names = [f"factor{i}" for i in range(len(factors))]
-        for name, f in zip(self.factor_names, factors):
-            self.register_buffer(name, f)
+        self.register_buffer("left", left)
+        self.register_buffer("right", right)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(kron_apply(x * self.signs, [getattr(self, n) for n in self.factor_names]))
+        return self.linear(kron_apply(x * self.signs, self.left, self.right))
 
 
 def rotate_input_online(linear: nn.Linear, seed: int) -> RotatedInputLinear:
@@ -136,11 +135,11 @@ def rotate_input_online(linear: nn.Linear, seed: int) -> RotatedInputLinear:
     if factors is None:
         raise ConfigError(f"rotate_residual(online=True): no Hadamard matrix of order {n} is built here "
                           f"(orders 2^k times 12s and 20s)", hint="pass online=False")
-    factors = [f / f.shape[0] ** 0.5 for f in factors]
+    left, right = (m / m.shape[0] ** 0.5 for m in kron_split(factors))
     signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 2)).double() * 2 - 1
-    _set(linear, kron_apply(linear.weight.double() * signs, factors), linear.bias)
+    _set(linear, kron_apply(linear.weight.double() * signs, left, right), linear.bias)
     dtype = linear.weight.dtype
-    return RotatedInputLinear(linear, signs.to(dtype), [f.to(dtype) for f in factors])
+    return RotatedInputLinear(linear, signs.to(dtype), left.to(dtype), right.to(dtype))
 
 
 class RotateResidual(Pass):

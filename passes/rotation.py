@@ -8,6 +8,8 @@ here: ``2^k``, ``12 * 2^k``, ``20 * 2^k`` and their products (576 = 12 * 12 * 4,
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _PALEY_PRIMES = (11, 19)  # q = 3 mod 4 gives a Hadamard matrix of order q + 1
@@ -51,15 +53,32 @@ def hadamard_factors(n: int) -> list[torch.Tensor] | None:
     return out if rest == 1 and out else None
 
 
-def kron_apply(x: torch.Tensor, factors: list[torch.Tensor]) -> torch.Tensor:
-    """``x @ kron(*factors)`` along the last axis, one small matmul per factor (n * sum(sizes)
-    multiply-adds per row instead of n^2)."""
+def kron_split(factors: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors as two Kronecker products ``(left, right)`` of sizes as close as possible."""
+    best = None
+    for mask in range(1 << len(factors)):
+        left = [f for i, f in enumerate(factors) if mask >> i & 1]
+        right = [f for i, f in enumerate(factors) if not mask >> i & 1]
+        a = math.prod(f.shape[0] for f in left)
+        b = math.prod(f.shape[0] for f in right)
+        if best is None or a + b < best[0]:
+            best = (a + b, left, right)
+    return _kron(best[1]), _kron(best[2])
+
+
+def _kron(factors: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.ones(1, 1, dtype=torch.float64)
+    for f in factors:
+        out = torch.kron(out, f)
+    return out
+
+
+def kron_apply(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``x @ kron(left, right)`` along the last axis as ``left^T X right`` on ``X = x`` viewed
+    ``(a, b)``: two small matmuls, ``a + b`` multiply-adds per element instead of ``a * b``."""
     shape = x.shape
-    x = x.reshape(*shape[:-1], *(f.shape[0] for f in factors))
-    axes = len(factors)
-    for i, f in enumerate(factors):
-        x = (x.movedim(i - axes, -1) @ f).movedim(-1, i - axes)
-    return x.reshape(shape)
+    x = x.reshape(*shape[:-1], left.shape[0], right.shape[0])
+    return (left.t() @ x @ right).reshape(shape)
 
 
 def random_orthogonal(n: int, seed: int, kind: str = "hadamard") -> torch.Tensor:

@@ -5,7 +5,7 @@ import torch
 import presso
 from presso.errors import ConfigError
 from presso.passes.rotate_residual import RotatedEmbedding, RotatedInputLinear, UnrotatedNorm
-from presso.passes.rotation import hadamard, hadamard_factors, kron_apply, random_orthogonal
+from presso.passes.rotation import hadamard, hadamard_factors, kron_apply, kron_split, random_orthogonal
 from presso.testing import check_pass
 
 from models import build, other_inputs, small_llama
@@ -63,11 +63,10 @@ def test_online_rotation_of_down_proj_inputs_is_exact_and_exports():
 def test_kron_apply_matches_the_dense_product():
     factors = hadamard_factors(1536)
     assert [f.shape[0] for f in factors] == [12, 32, 4]
-    dense = factors[0]
-    for f in factors[1:]:
-        dense = torch.kron(dense, f)
+    left, right = kron_split(factors)
+    assert sorted((left.shape[0], right.shape[0])) == [32, 48]  # a + b smallest
     x = torch.randn(2, 3, 1536, dtype=torch.float64)
-    assert torch.allclose(kron_apply(x, factors), x @ dense, atol=1e-9)
+    assert torch.allclose(kron_apply(x, left, right), x @ torch.kron(left, right), atol=1e-9)
     assert hadamard_factors(14) is None
 
 
