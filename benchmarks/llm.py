@@ -120,6 +120,8 @@ def int8_recipes() -> list[tuple[str, list]]:
     return [("presso quantize_dynamic_int8 (W8A8 dynamic, per-token)", [mp("quantize_dynamic_int8")]),
             ("presso rotate_residual(online) + quantize_dynamic_int8 (W8A8 dynamic, per-token)",
              [mp("rotate_residual", online=True), mp("quantize_dynamic_int8")]),
+            ("presso rotate_residual(online) + quantize_dynamic_int8, lm_head float",
+             [mp("rotate_residual", online=True), mp("quantize_dynamic_int8", skip=("lm_head",))]),
             ("presso smooth_quant + quantize_static_int8 (W8A8 static)",
              [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse", keep_sensitive=SENSITIVE)]),
             ("presso quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)]),
