@@ -59,7 +59,8 @@ def find_layout(model: nn.Module) -> DecoderLayout:
         raise ConfigError(f"rotate_residual supports Llama-style decoders (Llama, Mistral, Qwen2, SmolLM2); "
                           f"{type(model).__name__} does not have model.embed_tokens, model.layers[i].self_attn."
                           f"{{q,k,v,o}}_proj, mlp.{{gate,up,down}}_proj, model.norm and lm_head",
-                          hint="leave rotate_residual out for this model; smooth_quant works on any norm -> linear")
+                          hint="run rotate_residual first, before passes that replace linears; for other models "
+                               "leave it out (smooth_quant works on any norm -> linear)")
     for norm in [base.norm] + [n for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
         _check_rms_norm(norm)
     return DecoderLayout(base.embed_tokens, base.norm, head, base, list(layers))

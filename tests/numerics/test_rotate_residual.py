@@ -115,3 +115,10 @@ def test_other_architectures_are_refused_clearly(name):
 def test_unknown_kind_is_refused():
     with pytest.raises(ConfigError):
         presso.make_pass("rotate_residual", kind="givens")
+
+
+def test_rotation_after_quantization_is_refused_with_the_order_to_use():
+    model, example = build("llama")
+    passes = [presso.make_pass("quantize_dynamic_int8"), presso.make_pass("rotate_residual")]
+    with pytest.raises(ConfigError, match="before passes that replace linears"):
+        presso.compile(model, passes, example_inputs=example)
