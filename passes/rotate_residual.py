@@ -130,12 +130,21 @@ class RotatedInputLinear(nn.Module):
         return self.linear(kron_apply(x * self.signs, self.left, self.right))
 
 
+def _preflight(layout: DecoderLayout, cfg: RotateResidualConfig) -> None:
+    for layer in layout.layers:
+        n = layer.mlp.down_proj.in_features
+        if cfg.online and hadamard_factors(n) is None:
+            raise ConfigError(f"rotate_residual(online=True): no Hadamard matrix of order {n} is built here "
+                              f"(orders 2^k times 12s and 20s)", hint="pass online=False")
+        attn, head_dim = layer.self_attn, getattr(layer.self_attn, "head_dim", None)
+        if cfg.heads and (not head_dim or attn.v_proj.out_features % head_dim or attn.o_proj.in_features % head_dim):
+            raise ConfigError(f"rotate_residual(heads=True) could not read the head size of {type(attn).__name__}",
+                              hint="pass heads=False")
+
+
 def rotate_input_online(linear: nn.Linear, seed: int) -> RotatedInputLinear:
     n = linear.in_features
     factors = hadamard_factors(n)
-    if factors is None:
-        raise ConfigError(f"rotate_residual(online=True): no Hadamard matrix of order {n} is built here "
-                          f"(orders 2^k times 12s and 20s)", hint="pass online=False")
     left, right = (m / m.shape[0] ** 0.5 for m in kron_split(factors))
     signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed + 2)).double() * 2 - 1
     _set(linear, kron_apply(linear.weight.double() * signs, left, right), linear.bias)
@@ -154,6 +163,7 @@ class RotateResidual(Pass):
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         cfg = self.config
         layout = find_layout(graph.module)
+        _preflight(layout, cfg)  # every refusal before the first weight changes
         hidden = layout.embed.embedding_dim
         q = random_orthogonal(hidden, cfg.seed, cfg.kind)
         for layer in layout.layers:
@@ -197,10 +207,7 @@ def _fold_norm_into(norm: nn.Module, readers: list[nn.Linear], q: torch.Tensor) 
 def _rotate_value_heads(attn: nn.Module, seed: int) -> None:
     """Each value head's output and ``o_proj``'s matching columns by one ``head_dim`` rotation:
     attention mixes positions, not channels, so it commutes with it (shared kv heads too)."""
-    head_dim = getattr(attn, "head_dim", None)
-    if not head_dim or attn.v_proj.out_features % head_dim or attn.o_proj.in_features % head_dim:
-        raise ConfigError(f"rotate_residual(heads=True) could not read the head size of {type(attn).__name__}",
-                          hint="pass heads=False")
+    head_dim = attn.head_dim  # checked by _preflight
     h = random_orthogonal(head_dim, seed + 1)
     kv, qh = attn.v_proj.out_features // head_dim, attn.o_proj.in_features // head_dim
     w = attn.v_proj.weight.double().view(kv, head_dim, -1)

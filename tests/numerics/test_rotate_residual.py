@@ -122,3 +122,16 @@ def test_rotation_after_quantization_is_refused_with_the_order_to_use():
     passes = [presso.make_pass("quantize_dynamic_int8"), presso.make_pass("rotate_residual")]
     with pytest.raises(ConfigError, match="before passes that replace linears"):
         presso.compile(model, passes, example_inputs=example)
+
+
+def test_online_rotation_without_a_hadamard_order_is_refused():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=56, num_hidden_layers=2,  # 56 = 8 * 7
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tf.LlamaForCausalLM(config).eval()
+    with pytest.raises(ConfigError, match="no Hadamard matrix of order 56"):
+        presso.compile(model, [presso.make_pass("rotate_residual", online=True)],
+                       example_inputs=torch.randint(3, 90, (1, 8)))
+    presso.compile(model, [presso.make_pass("rotate_residual")], example_inputs=torch.randint(3, 90, (1, 8)))
