@@ -27,14 +27,15 @@ def paley(q: int) -> torch.Tensor:
 
 def hadamard(n: int) -> torch.Tensor | None:
     """An unnormalized Hadamard matrix of order ``n`` (float64), or None if not built here."""
+    factors = [torch.ones(1, 1, dtype=torch.float64)] if n == 1 else hadamard_factors(n)
+    return None if factors is None else _kron(factors)
+
+
+def _sylvester(size: int) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
-    rest = n
-    for q in _PALEY_PRIMES:
-        while rest % (q + 1) == 0:
-            h, rest = torch.kron(h, paley(q)), rest // (q + 1)
-    while rest % 2 == 0:
-        h, rest = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)), rest // 2
-    return h if rest == 1 else None
+    while h.shape[0] < size:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
 
 
 def hadamard_factors(n: int) -> list[torch.Tensor] | None:
@@ -48,7 +49,7 @@ def hadamard_factors(n: int) -> list[torch.Tensor] | None:
     while rest % 2 == 0:
         size, rest = size * 2, rest // 2
         if size == 32 or rest % 2:
-            out.append(hadamard(size))
+            out.append(_sylvester(size))
             size = 1
     return out if rest == 1 and out else None
 
