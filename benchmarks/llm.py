@@ -124,6 +124,9 @@ def int8_recipes() -> list[tuple[str, list]]:
              [mp("rotate_residual", online=True), mp("quantize_dynamic_int8", skip=("lm_head",))]),
             ("presso smooth_quant + quantize_static_int8 (W8A8 static)",
              [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse", keep_sensitive=SENSITIVE)]),
+            ("presso smooth_quant + quantize_static_int8, down_proj per-token, lm_head float (W8A8)",
+             [mp("smooth_quant", search=True, skip=("*down_proj",)),
+              mp("quantize_static_int8", observer="mse", dynamic=("*down_proj",), skip=("lm_head",))]),
             ("presso quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)]),
             ("presso quantize_weights int8 per-channel GPTQ",
              [mp("quantize_weights", bits=8, group_size=-1, method="gptq")])]

@@ -2,7 +2,9 @@
 
 Policy: every linear (and, with ``convs``, every zero-padded ``Conv2d``) the traced graph
 calls, minus ``skip``, minus the ``keep_sensitive`` layers whose outputs move most (kept
-in float). Mechanism: an observer per layer input over the calibration batches, then
+in float). Linears matching ``dynamic`` also get per-token activation scales computed at run time:
+still int8 x int8, for inputs whose outlier tokens no single calibrated range fits (an
+LLM's ``down_proj``). Mechanism: an observer per layer input over the calibration batches, then
 :class:`presso.runtime.qdq.StaticInt8Linear`/``StaticInt8Conv2d``: Q/DQ on the input and an
 int8 per-channel weight, which ONNX Runtime fuses into integer kernels.
 """
@@ -20,6 +22,7 @@ from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes.common import is_linear, linear_weight, matches
 from presso.passes.observers import RangeObserver
 from presso.passes.sensitivity import layer_errors, most_sensitive
+from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.qdq import ActivationQuant, StaticInt8Conv2d, StaticInt8Linear
 
 
@@ -31,6 +34,7 @@ class StaticInt8Config(PassConfig):
     convs: bool = True
     skip: tuple[str, ...] = ()
     keep_sensitive: int = 0  # this many most sensitive layers stay in float
+    dynamic: tuple[str, ...] = ()  # glob patterns: linears with per-token dynamic activation scales
 
     def validate(self) -> None:
         if not 50.0 < self.percentile <= 100.0:
@@ -58,6 +62,8 @@ class QuantizeStaticInt8(Pass):
         called = graph.called_modules()
         chosen = {p: m for p, m in called.items() if quantizable(m, cfg.convs) and not matches(p, cfg.skip)}
         skipped = [p for p, m in called.items() if quantizable(m, cfg.convs) and p not in chosen]
+        dynamic = {p: m for p, m in chosen.items() if is_linear(m) and matches(p, cfg.dynamic)}
+        chosen = {p: m for p, m in chosen.items() if p not in dynamic}
         acts = self._calibrate(graph, chosen, ctx)
         stats: dict = {"observer": cfg.observer, "skipped": skipped}
         if cfg.keep_sensitive:
@@ -67,8 +73,11 @@ class QuantizeStaticInt8(Pass):
             stats["kept_in_float"] = kept
         for path, module in chosen.items():
             graph.module.set_submodule(path, replacement(module, acts[path]))
+        for path, module in dynamic.items():
+            graph.module.set_submodule(path, DynamicInt8Linear.from_weight(*linear_weight(module)))
         stats["quantized"] = len(chosen)
-        return PassResult(graph, modified=bool(chosen), stats=stats)
+        stats["dynamic"] = sorted(dynamic)
+        return PassResult(graph, modified=bool(chosen or dynamic), stats=stats)
 
     @torch.no_grad()
     def _calibrate(self, graph: Graph, chosen: dict[str, nn.Module], ctx: Context) -> dict[str, ActivationQuant]:

@@ -6,6 +6,7 @@ import torch
 import presso
 from presso.numerics import rel_error
 from presso.passes.scale_groups import find_scale_groups
+from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyEmbedding, WeightOnlyLinear
 from presso.runtime.qdq import StaticInt8Conv2d, StaticInt8Linear
 from presso.testing import call, check_pass
@@ -123,6 +124,25 @@ def test_static_int8_exports_qdq_that_ort_fuses(tmp_path):
     ops = op_types(compiled.export(tmp_path / "m", kv_cache=False))
     assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") >= 2 * ops.count("QuantizeLinear")
     assert compiled.report["backend_rel_error"] < 5e-3
+
+
+def test_static_int8_with_per_token_down_proj_matches_ort(tmp_path):
+    model, example = build("llama")
+    passes = [presso.make_pass("smooth_quant", search=True, skip=("*down_proj",)),
+              presso.make_pass("quantize_static_int8", observer="mse", dynamic=("*down_proj",), skip=("lm_head",))]
+    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration("llama", example),
+                              backend="onnxruntime")
+    modules = dict(compiled.module.named_modules())
+    downs = [p for p in modules if p.endswith("down_proj")]
+    assert downs and all(isinstance(modules[p], DynamicInt8Linear) and modules[p].per_token for p in downs)
+    assert isinstance(modules["lm_head"], torch.nn.Linear)
+    assert any(isinstance(m, StaticInt8Linear) for m in modules.values())
+    stats = compiled.report["passes"][1]["stats"]
+    assert stats["dynamic"] == sorted(downs) and "lm_head" in stats["skipped"]
+    assert compiled.report["rel_error"] < 0.06
+    assert compiled.report["backend_rel_error"] < 5e-3
+    ops = op_types(compiled.export(tmp_path / "m", kv_cache=False))
+    assert "MatMulInteger" in ops and "QuantizeLinear" in ops
 
 
 def test_keep_sensitive_reports_what_stayed_and_why():
