@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from presso.runtime.triton import tuning
+from presso.runtime.triton.gemm_words import gemm_words
 from presso.runtime.triton.gemv_words import gemv_words
 
 
@@ -232,7 +233,8 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
                        config: dict | None = None, words: tuple | None = None) -> torch.Tensor:
     """``x (..., k) @ W.T`` for ``W (n, k)`` from :func:`prepare`'s operands; output in ``x``'s dtype.
 
-    ``words``: :func:`gemv_words.prepare_words`'s copy of the same weight, which a single row reads.
+    ``words``: :func:`gemv_words.prepare_words`'s copy of the same weight, which the autotuned
+    kernels read when it is given (:mod:`gemv_words` for one row, :mod:`gemm_words` for more).
     """
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
@@ -240,8 +242,9 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if words is not None and m == 1 and config is None:
-        return gemv_words(x2, *words, k, bits, bias).reshape(*x.shape[:-1], n)
+    if words is not None and config is None:  # batch 1 on CUDA cores, more rows on tensor cores
+        kernel = gemv_words if m == 1 else gemm_words
+        return kernel(x2, *words, k, bits, bias).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune

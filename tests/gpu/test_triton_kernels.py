@@ -8,7 +8,7 @@ triton = pytest.importorskip("triton")
 from presso.runtime.int8 import DynamicInt8Linear  # noqa: E402
 from presso.runtime.nbits import PackedWeight  # noqa: E402
 from presso.runtime.quant import WeightFormat, quantize_weight  # noqa: E402
-from presso.runtime.triton import gemv_words, w8a8, weight_only  # noqa: E402
+from presso.runtime.triton import gemm_words, gemv_words, w8a8, weight_only  # noqa: E402
 from presso.runtime.triton.reference import w8a8_reference, weight_only_reference  # noqa: E402
 
 TOLERANCE = 1e-2  # bf16 operands
@@ -85,6 +85,31 @@ def test_word_gemv_matches_reference(n, k, bits, group, symmetric):
         gemv_words.gemv_words(x, *words, k, bits, config=dict(BLOCK_N=64, TILE_W=2 * words_per_group, SPLIT_K=1))
     got = weight_only.weight_only_matmul(x, *operands, k, bits, bias.bfloat16(), words=words)
     assert rel(got, ref) < TOLERANCE
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bits, group, symmetric", FORMATS)
+def test_word_gemm_matches_reference(n, k, bits, group, symmetric):
+    """The tensor-core kernel on the word-transposed copy: forced tiles (split K, code pairs) and the autotuned one."""
+    dtype = torch.bfloat16 if (n + bits) % 2 else torch.float16
+    packed, operands = _packed(n, k, bits, group, symmetric, dtype)
+    words = gemv_words.prepare_words(*operands)
+    bias = torch.randn(n, device="cuda")
+    pairs = (0, 1) if bits == 4 and symmetric else (0,)
+    for m in (3, 16, 40):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
+        configs = [dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=3, PAIRS=p) for p in pairs]
+        configs += [dict(BLOCK_M=64, BLOCK_N=32, TILE_W=16, SPLIT_K=1, PAIRS=pairs[-1]), None]
+        for config in configs:
+            got = gemm_words.gemm_words(x, *words, k, bits, bias.to(dtype), config=config)
+            assert got.shape == (m, n) and got.dtype == dtype
+            assert rel(got, ref) < TOLERANCE, (m, config)
+        got = weight_only.weight_only_matmul(x, *operands, k, bits, bias.to(dtype), words=words)
+        assert rel(got, ref) < TOLERANCE
+    if pairs == (0,):
+        with pytest.raises(ValueError, match="symmetric int4"):
+            gemm_words.gemm_words(x, *words, k, bits, config=dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=1, PAIRS=1))
 
 
 @pytest.mark.parametrize("n, k", SHAPES)
