@@ -51,6 +51,24 @@ def _dot_code(part, x_j, words, j: tl.constexpr, offset, scale, BITS: tl.constex
     return tl.dot(x_j, w_j, part)
 
 
+def _pair_asm_text(magic: str, one: str, minus: str, kind: str) -> tl.constexpr:
+    return tl.constexpr(f"""{{
+    .reg .b32 t, nib, mag, one, neg;
+    mov.b32 nib, 0x000F000F;
+    mov.b32 mag, {magic};
+    mov.b32 one, {one};
+    mov.b32 neg, {minus};
+    lop3.b32 t, $2, nib, mag, 0xEA;
+    fma.rn.{kind} t, t, one, neg;
+    mov.b32 {{$0, $1}}, t;
+    }}""")
+
+
+# per half: magic (128 or 1024, whose last mantissa bit is worth 1), 1.0, minus (magic + 8)
+_PAIR_BF16 = _pair_asm_text("0x43004300", "0x3F803F80", "0xC308C308", "bf16x2")
+_PAIR_F16 = _pair_asm_text("0x64006400", "0x3C003C00", "0xE408E408", "f16x2")
+
+
 @triton.jit
 def _pair_asm(words, BF16: tl.constexpr):
     """Codes 0 and 4 of each word (low bits of each half) as two 16-bit floats ``c - 8``, exactly.
@@ -59,29 +77,11 @@ def _pair_asm(words, BF16: tl.constexpr):
     each half; one packed FMA subtracts 136 or 1032 from both: three instructions per two codes.
     """
     if BF16:
-        lo, hi = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, nib, mag, one, neg;
-            mov.b32 nib, 0x000F000F;
-            mov.b32 mag, 0x43004300;
-            mov.b32 one, 0x3F803F80;
-            mov.b32 neg, 0xC308C308;
-            lop3.b32 t, $2, nib, mag, 0xEA;
-            fma.rn.bf16x2 t, t, one, neg;
-            mov.b32 {$0, $1}, t;
-            }""", "=h,=h,r", [words], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=1)
+        lo, hi = tl.inline_asm_elementwise(_PAIR_BF16, "=h,=h,r", [words], dtype=(tl.bfloat16, tl.bfloat16),
+                                           is_pure=True, pack=1)
     else:
-        lo, hi = tl.inline_asm_elementwise(
-            """{
-            .reg .b32 t, nib, mag, one, neg;
-            mov.b32 nib, 0x000F000F;
-            mov.b32 mag, 0x64006400;
-            mov.b32 one, 0x3C003C00;
-            mov.b32 neg, 0xE408E408;
-            lop3.b32 t, $2, nib, mag, 0xEA;
-            fma.rn.f16x2 t, t, one, neg;
-            mov.b32 {$0, $1}, t;
-            }""", "=h,=h,r", [words], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+        lo, hi = tl.inline_asm_elementwise(_PAIR_F16, "=h,=h,r", [words], dtype=(tl.float16, tl.float16),
+                                           is_pure=True, pack=1)
     return lo, hi
 
 
@@ -171,14 +171,7 @@ def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, W
             acc += part * scale[None, :]
         else:
             acc += part
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    tuning.store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,

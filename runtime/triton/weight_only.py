@@ -88,15 +88,7 @@ def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, 
             part = tl.dot(x, tl.trans(codes.to(x.dtype)))
             x_sum = tl.sum(x.to(tl.float32), axis=1)
         acc += (part - x_sum[:, None] * zero[None, :]) * scale[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + rn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
-        acc += bias[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    tuning.store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
@@ -142,14 +134,7 @@ def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS,
         acc = _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, K, BLOCKS, stride_xm, rm, rn, mask_m, mask_n, row_bytes,
                          pid_k * per_split, min((pid_k + 1) * per_split, tiles), BITS, GROUP, HAS_ZEROS,
                          BLOCK_M, BLOCK_N, BLOCK_K, MAGIC)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+    tuning.store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k, HAS_BIAS, SPLIT_K)
 
 
 @triton.jit
