@@ -311,19 +311,28 @@ def quantized(decoder: Decoder, kind: str) -> Decoder:
 
 
 @torch.no_grad()
-def decode_ms(decoder: Decoder, context: int, steps: int = 200) -> float:
-    """Median ms per token of a CUDA-graph-captured decode step at ``context`` tokens of cache."""
+def decode_ms(decoder: Decoder, context: int, steps: int = 200, compiled: bool = False) -> float:
+    """Median ms per token of a CUDA-graph-captured decode step at ``context`` tokens of cache.
+
+    ``compiled``: the step goes through ``torch.compile`` first (the quantized linears are
+    opaque custom ops there), so norms, rotary and SiLU fuse on every side alike.
+    """
     token = torch.tensor([[7]], device="cuda")
     pos = torch.tensor([context], device="cuda")
+    step = decoder
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):  # warm up: autotuning and lazy casts happen outside the capture
             decoder(token, pos)
+        if compiled:
+            step = torch.compile(decoder, dynamic=False)
+            for _ in range(3):
+                step(token, pos)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decoder(token, pos)
+        step(token, pos)
     times = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -340,7 +349,7 @@ def decode_rows(layers: int, context: int) -> list[dict]:
     rows = []
     for name, shape in [(f"Llama-7B-shaped, {layers} layers", {**LLAMA_7B, "layers": layers}),
                         ("SmolLM2-135M-shaped (30 layers)", SMOLLM2)]:
-        base = None
+        base = {}  # bf16 ms per mode
         for kind in ("bf16", "int4", "w8a8"):
             torch.manual_seed(0)
             with torch.device("cuda"):
@@ -349,21 +358,31 @@ def decode_rows(layers: int, context: int) -> list[dict]:
                 p.data.normal_(0, 0.02)
             if kind != "bf16":
                 decoder = quantized(decoder, kind)
-            ms = decode_ms(decoder, context)
-            base = ms if base is None else base
-            rows.append(dict(model=name, kind=kind, ms=ms, tokens_per_s=1e3 / ms, speedup=base / ms))
-            print(rows[-1], flush=True)
+            for compiled in (False, True):
+                try:
+                    ms = decode_ms(decoder, context, compiled=compiled)
+                except Exception as exc:  # a compile failure is a row, not the end of the run
+                    rows.append(dict(model=name, kind=kind, compiled=compiled, error=str(exc).splitlines()[0][:120]))
+                    print(rows[-1], flush=True)
+                    continue
+                base[compiled] = base.get(compiled, ms)
+                rows.append(dict(model=name, kind=kind, compiled=compiled, ms=ms, tokens_per_s=1e3 / ms,
+                                 speedup=base[compiled] / ms))
+                print(rows[-1], flush=True)
             del decoder
             torch.cuda.empty_cache()
     return rows
 
 
 def decode_table(rows: list[dict], context: int) -> str:
-    lines = [f"| model (random weights, batch 1, {context} tokens of context, CUDA graphs) | weights | ms/token "
-             "| tokens/s | vs bf16 |", "|---|---|---:|---:|---:|"]
+    lines = [f"| model (random weights, batch 1, {context} tokens of context, CUDA graphs) | step | weights "
+             "| ms/token | tokens/s | vs bf16 |", "|---|---|---|---:|---:|---:|"]
     names = {"bf16": "bf16 (cuBLAS)", "int4": "presso int4 g128 (Triton)", "w8a8": "presso W8A8 (Triton)"}
-    lines += [f"| {r['model']} | {names[r['kind']]} | {r['ms']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |"
-              for r in rows]
+    for r in sorted(rows, key=lambda r: (r["model"], r["compiled"])):
+        mode = "torch.compile" if r["compiled"] else "eager"
+        cells = (f"failed: {r['error']} | | |" if "error" in r else
+                 f"{r['ms']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['model']} | {mode} | {names[r['kind']]} | {cells}")
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyLinear
-from presso.runtime.triton import w8a8, weight_only
+from presso.runtime.triton import ops, weight_only
 from presso.runtime.triton.gemv_words import prepare_words
 
 
@@ -50,10 +50,9 @@ class TritonWeightOnlyLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scales = self._casts.cast("scales", self.scales, x.dtype)
         bias = self._casts.cast("bias", self.bias, x.dtype)
-        words = None if self.words is None else (self.words, self._casts.cast("scales_t", self.scales_t, x.dtype),
-                                                  self.zeros_t)
-        return weight_only.weight_only_matmul(x, self.codes, scales, self.zeros, self.in_features, self.bits, bias,
-                                              words=words)
+        scales_t = self._casts.cast("scales_t", self.scales_t, x.dtype)
+        return ops.weight_only_linear(x, self.codes, scales, self.zeros, self.in_features, self.bits, bias,
+                                      self.words, scales_t, self.zeros_t)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weight-only (Triton)"
@@ -71,7 +70,7 @@ class TritonW8A8Linear(nn.Module):
         self._casts = _CastCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w8a8.w8a8_matmul(x, self.weight, self.weight_scale, self._casts.cast("bias", self.bias, x.dtype))
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, self._casts.cast("bias", self.bias, x.dtype))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, W8A8 per-token (Triton)"

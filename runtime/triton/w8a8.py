@@ -43,8 +43,11 @@ def _configs() -> list[triton.Config]:
     for block_m, block_n, block_k, split_k, warps, stages in [
         (16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (16, 32, 256, 8, 4, 3), (16, 128, 128, 2, 4, 4),
         (32, 64, 128, 1, 4, 4), (32, 128, 128, 2, 4, 4),
+        (32, 64, 128, 4, 4, 4), (32, 64, 256, 4, 4, 3),
         (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 128, 128, 2, 8, 3), (64, 256, 128, 1, 8, 3),
         (64, 128, 256, 1, 8, 3), (128, 128, 128, 1, 8, 3), (128, 256, 64, 1, 8, 4),
+        # split K for shapes with few output tiles (N = 4096 at 64 rows is 32-64 tiles for 132 SMs)
+        (64, 64, 128, 4, 4, 4), (64, 64, 256, 4, 4, 3), (64, 128, 128, 4, 8, 3), (64, 64, 128, 8, 4, 4),
     ]:
         out.append(triton.Config(dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k),
                                  num_warps=warps, num_stages=stages,

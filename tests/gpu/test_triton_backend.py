@@ -29,3 +29,26 @@ def test_quantized_linears_run_through_the_kernels(passes):
     assert compiled.report["backend_rel_error"] < 1e-2
     assert compiled._run.swapped and all("Triton" in v for v in compiled._run.swapped.values())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("kind", ["int4", "w8a8"])
+def test_triton_linears_compile_without_graph_breaks(kind):
+    """The kernels are custom ops: ``torch.compile(fullgraph=True)`` traces through them and agrees with eager."""
+    pytest.importorskip("triton")
+    from presso.runtime.int8 import DynamicInt8Linear
+    from presso.runtime.nbits import WeightOnlyLinear
+    from presso.runtime.quant import WeightFormat
+    from presso.runtime.triton.modules import TritonW8A8Linear, TritonWeightOnlyLinear
+
+    torch.manual_seed(0)
+    w = torch.randn(384, 256) * 0.05
+    linear = (TritonWeightOnlyLinear(WeightOnlyLinear.quantize(w, None, WeightFormat(4, 64, True))) if kind == "int4"
+              else TritonW8A8Linear(DynamicInt8Linear.from_weight(w, None, per_token=True))).cuda()
+    block = torch.nn.Sequential(torch.nn.RMSNorm(256, device="cuda", dtype=torch.bfloat16), linear, torch.nn.SiLU())
+    x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        eager = block(x)
+        compiled = torch.compile(block, fullgraph=True, dynamic=False)(x)
+    assert torch.isfinite(compiled).all()
+    assert (compiled.float() - eager.float()).norm() / eager.float().norm() < 1e-2

@@ -1,0 +1,37 @@
+"""The Triton matmuls as torch custom ops (``torch.ops.presso.*``).
+
+``torch.compile`` treats a custom op as one opaque call with a known output shape (its fake
+implementation), so a model whose linears run these kernels compiles without a graph break
+at every linear, and the elementwise work between them (norms, rotary, SiLU) can fuse.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from presso.runtime.triton import w8a8, weight_only
+
+
+@torch.library.custom_op("presso::weight_only_linear", mutates_args=())
+def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+                       k: int, bits: int, bias: Optional[torch.Tensor], words: Optional[torch.Tensor],
+                       scales_t: Optional[torch.Tensor], zeros_t: Optional[torch.Tensor]) -> torch.Tensor:
+    packed_words = None if words is None else (words, scales_t, zeros_t)
+    return weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits, bias, words=packed_words)
+
+
+@weight_only_linear.register_fake
+def _(x, codes, scales, zeros, k, bits, bias, words, scales_t, zeros_t):
+    return x.new_empty(*x.shape[:-1], scales.shape[0])
+
+
+@torch.library.custom_op("presso::w8a8_linear", mutates_args=())
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return w8a8.w8a8_matmul(x, weight, weight_scale, bias)
+
+
+@w8a8_linear.register_fake
+def _(x, weight, weight_scale, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
