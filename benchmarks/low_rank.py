@@ -49,6 +49,10 @@ def recipes(ratios: list[float], share_of_linears: float, share_of_mlp: float) -
     rows.append(dict(label="split_low_rank whiten 20% of MLP, allocate=sensitivity", family="mlp",
                      budget=0.2 * share_of_mlp, passes=[mp("split_low_rank", ratio=0.2, targets=("*mlp*",),
                                                            allocate="sensitivity")]))
+    rows.append(dict(label="split_low_rank whiten one-shot 20% of MLP (sequential=False, weigh_outputs=False)",
+                     family="mlp", budget=0.2 * share_of_mlp,
+                     passes=[mp("split_low_rank", ratio=0.2, targets=("*mlp*",), sequential=False,
+                                weigh_outputs=False)]))
     for recover in (False, True):
         rows.append(dict(label="prune_structured 20% of MLP neurons" + (" + recover" if recover else ""),
                          family="mlp", budget=0.2 * share_of_mlp, export=not recover,

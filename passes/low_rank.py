@@ -14,9 +14,11 @@ the first factor, so that dropping singular value ``s_i`` costs ``s_i^2`` in a m
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 ASVD_ALPHA = 0.5
 DAMP = 1e-4  # of the mean diagonal, so that X^T X is positive definite
@@ -30,13 +32,17 @@ class Spectrum:
     s: torch.Tensor
     vh: torch.Tensor
     m_inv: torch.Tensor | None  # None: the identity
+    out_inv: torch.Tensor | None = None  # undoes an output weighting (None: none)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         root = self.s[:rank].sqrt()
         a = root[:, None] * self.vh[:rank]
         if self.m_inv is not None:
             a = a @ self.m_inv
-        return a.float(), (self.u[:, :rank] * root[None, :]).float()
+        b = self.u[:, :rank] * root[None, :]
+        if self.out_inv is not None:
+            b = self.out_inv @ b
+        return a.float(), b.float()
 
 
 def input_transform(method: str, n: int, gram: torch.Tensor | None, sq: torch.Tensor | None,
@@ -47,16 +53,29 @@ def input_transform(method: str, n: int, gram: torch.Tensor | None, sq: torch.Te
     if method == "asvd":
         scale = (sq.double() / max(rows, 1)).sqrt().clamp(min=1e-6) ** ASVD_ALPHA
         return torch.diag(scale), torch.diag(1.0 / scale)
-    g = gram.double()
-    g = g + torch.eye(n, dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12)
-    lower = torch.linalg.cholesky(g)
-    return lower, torch.linalg.solve_triangular(lower, torch.eye(n, dtype=g.dtype), upper=False)
+    lower = _cholesky(gram)
+    return lower, torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
 
 
-def spectrum(weight: torch.Tensor, m: torch.Tensor | None, m_inv: torch.Tensor | None) -> Spectrum:
+def spectrum(weight: torch.Tensor, m: torch.Tensor | None, m_inv: torch.Tensor | None,
+             out_gram: torch.Tensor | None = None) -> Spectrum:
+    """The SVD of ``W M``, or of ``R^T W M`` with ``R R^T = out_gram`` when the output error is
+    weighted (``out_gram``: how much each pair of outputs matters downstream)."""
     w = weight.double()
-    u, s, vh = torch.linalg.svd(w if m is None else w @ m, full_matrices=False)
-    return Spectrum(u, s, vh, m_inv)
+    w = w if m is None else w @ m
+    out_inv = None
+    if out_gram is not None:
+        r = _cholesky(out_gram)
+        w = r.t() @ w
+        out_inv = torch.linalg.solve_triangular(r.t(), torch.eye(r.shape[0], dtype=r.dtype), upper=True)
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return Spectrum(u, s, vh, m_inv, out_inv)
+
+
+def _cholesky(gram: torch.Tensor) -> torch.Tensor:
+    g = gram.double()
+    n = g.shape[0]
+    return torch.linalg.cholesky(g + torch.eye(n, dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12))
 
 
 def break_even(out_features: int, in_features: int) -> int:
@@ -67,3 +86,18 @@ def break_even(out_features: int, in_features: int) -> int:
 def rank_for_energy(s: torch.Tensor, energy: float) -> int:
     cum = (s ** 2).cumsum(0) / (s ** 2).sum().clamp(min=1e-30)
     return int((cum < energy).sum()) + 1
+
+
+class LowRankLinear(nn.Sequential):
+    """``first`` (in -> rank, no bias) then ``second`` (rank -> out, with the original bias)."""
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
+        first = nn.Linear(a.shape[1], a.shape[0], bias=False)
+        second = nn.Linear(b.shape[1], b.shape[0], bias=bias is not None)
+        with torch.no_grad():
+            first.weight.copy_(a)
+            second.weight.copy_(b)
+            if bias is not None:
+                second.bias.copy_(bias)
+        super().__init__(OrderedDict(first=first, second=second))
+        self.in_features, self.out_features, self.rank = a.shape[1], b.shape[0], a.shape[0]

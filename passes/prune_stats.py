@@ -56,6 +56,42 @@ def gradients(graph: Graph, ctx: Context) -> dict[str, torch.Tensor]:
             p.requires_grad_(flags[n])
 
 
+def output_gradient_grams(graph: Graph, ctx: Context, modules: dict[str, nn.Module],
+                          desc: str = "output gradients") -> dict[str, torch.Tensor]:
+    """Per module: sum over calibration rows of ``g g^T``, ``g`` = d loss / d module output.
+
+    The output factor of K-FAC's Fisher approximation: an output error ``e`` of the module
+    costs about ``e^T (g g^T) e`` in loss, so it says which outputs (and combinations) matter.
+    """
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(path):
+        def record(_m, _grad_in, grad_out):
+            g = grad_out[0].detach().reshape(-1, grad_out[0].shape[-1]).float()
+            sums[path] = sums.get(path, 0) + g.t() @ g
+        return record
+
+    params = list(graph.module.parameters())
+    flags = [p.requires_grad for p in params]
+    handles = [m.register_full_backward_hook(hook(p)) for p, m in modules.items()]
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            for inputs in ctx.calibration_batches(desc=desc):
+                outputs = _forward(graph, inputs)
+                loss_of(graph, inputs, outputs).backward()
+                for p in params:
+                    p.grad = None
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in zip(params, flags):
+            p.grad = None
+            p.requires_grad_(flag)
+    return sums
+
+
 class InputRecorder:
     """Forward pre-hooks summing each module's input x_j^2 per channel (and X^T X if asked)."""
 

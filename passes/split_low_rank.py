@@ -10,7 +10,6 @@ whose rank would not save parameters (r (m + n) >= m n) is left alone and report
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,8 +20,10 @@ from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes.common import linear_weight, matches
-from presso.passes.low_rank import Spectrum, break_even, input_transform, rank_for_energy, spectrum
-from presso.passes.prune_stats import record_inputs
+from presso.passes.low_rank import (LowRankLinear, Spectrum, break_even, input_transform, rank_for_energy,
+                                    spectrum)
+from presso.passes.low_rank_sequential import factor_sequentially
+from presso.passes.prune_stats import output_gradient_grams, record_inputs
 from presso.passes.quantize_dynamic_int8 import select_linears, tied_to_others
 
 
@@ -36,6 +37,10 @@ class SplitLowRankConfig(PassConfig):
     skip: tuple[str, ...] = ("lm_head",)
     allocate: Literal["uniform", "sensitivity"] = "uniform"
     round_to: int = 1  # ranks are multiples of this
+    # whiten: blocks in order on the factored model's inputs, each linear fit to the original's output
+    sequential: bool = True
+    # whiten: weigh each linear's output error by the calibration loss's sensitivity to it (K-FAC)
+    weigh_outputs: bool = True
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy") if getattr(self, n) is not None]
@@ -56,21 +61,6 @@ class SplitLowRankConfig(PassConfig):
         return self.method != "svd"
 
 
-class LowRankLinear(nn.Sequential):
-    """``first`` (in -> rank, no bias) then ``second`` (rank -> out, with the original bias)."""
-
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
-        first = nn.Linear(a.shape[1], a.shape[0], bias=False)
-        second = nn.Linear(b.shape[1], b.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            first.weight.copy_(a)
-            second.weight.copy_(b)
-            if bias is not None:
-                second.bias.copy_(bias)
-        super().__init__(OrderedDict(first=first, second=second))
-        self.in_features, self.out_features, self.rank = a.shape[1], b.shape[0], a.shape[0]
-
-
 class SplitLowRank(Pass):
     name = "split_low_rank"
     Config = SplitLowRankConfig
@@ -89,24 +79,33 @@ class SplitLowRank(Pass):
         if not chosen:
             raise ConfigError(f"no linear matches targets {list(cfg.targets)} (minus skip {list(cfg.skip)})",
                               hint="targets are glob patterns on module paths, e.g. '*mlp*' or 'model.layers.*.mlp.*'")
-        spectra = self._spectra(graph, ctx, chosen)
+        weighted = cfg.method == "whiten" and cfg.weigh_outputs
+        out_grams = output_gradient_grams(graph, ctx, chosen, "split_low_rank: output gradients") if weighted else {}
+        spectra = self._spectra(graph, ctx, chosen, out_grams)
         ranks = self._ranks(chosen, spectra)
         done, left = {}, {}
         for path, module in chosen.items():
             m, n = linear_weight(module)[0].shape
             if ranks[path] > break_even(m, n):
                 left[path] = f"rank {ranks[path]} would not save parameters (break-even {break_even(m, n)})"
-                continue
-            a, b = spectra[path].factors(ranks[path])
-            graph.module.set_submodule(path, LowRankLinear(a, b, linear_weight(module)[1]))
-            done[path] = ranks[path]
+            else:
+                done[path] = ranks[path]
+        fitted = {}
+        if cfg.method == "whiten" and cfg.sequential:
+            fitted = factor_sequentially(graph, list(ctx.calibration), done, out_grams)
+        for path in done:
+            if path not in fitted:  # one-shot: outside the repeated blocks, or not sequential
+                a, b = spectra[path].factors(ranks[path])
+                graph.module.set_submodule(path, LowRankLinear(a, b, linear_weight(chosen[path])[1]))
         before = sum(math.prod(linear_weight(m)[0].shape) for m in chosen.values())
         after = sum(r * sum(linear_weight(chosen[p])[0].shape) for p, r in done.items()) + \
             sum(math.prod(linear_weight(chosen[p])[0].shape) for p in left)
         return PassResult(graph, bool(done), {"factored": done, "left_alone": left, "method": cfg.method,
+                                              "fitted_sequentially": len(fitted),
                                               "params_removed_in_selected": 1 - after / before})
 
-    def _spectra(self, graph: Graph, ctx: Context, chosen: dict[str, nn.Module]) -> dict[str, Spectrum]:
+    def _spectra(self, graph: Graph, ctx: Context, chosen: dict[str, nn.Module],
+                 out_grams: dict[str, torch.Tensor]) -> dict[str, Spectrum]:
         method = self.config.method
         stats = None
         if method != "svd":
@@ -117,7 +116,7 @@ class SplitLowRank(Pass):
             w = linear_weight(module)[0]
             m, m_inv = input_transform(method, w.shape[1], stats and stats.gram.get(path),
                                        stats and stats.sq.get(path), stats.rows.get(path, 1) if stats else 1)
-            out[path] = spectrum(w, m, m_inv)
+            out[path] = spectrum(w, m, m_inv, out_grams.get(path))
         return out
 
     def _ranks(self, chosen: dict[str, nn.Module], spectra: dict[str, Spectrum]) -> dict[str, int]:
@@ -143,20 +142,24 @@ def _round_down(r: int, step: int) -> int:
 
 def sensitivity_ranks(spectra: dict[str, Spectrum], shapes: dict[str, tuple[int, int]], ratio: float,
                       round_to: int) -> dict[str, int]:
-    """One threshold on relative truncation error for every layer, bisected to meet ``ratio``."""
-    rel = {p: (s.s ** 2) / (s.s ** 2).sum().clamp(min=1e-30) for p, s in spectra.items()}
-    total = sum(m * n for m, n in shapes.values())
+    """Keep the directions worth most per parameter across all layers until the budget is spent.
 
-    def ranks_at(log_t: float) -> dict[str, int]:
-        return {p: _round_up(max(1, int((r >= 10 ** log_t).sum())), round_to) for p, r in rel.items()}
-
-    def removed(ranks: dict[str, int]) -> float:
-        kept = sum(min(m * n, ranks[p] * (m + n)) if ranks[p] <= break_even(m, n) else m * n
-                   for p, (m, n) in shapes.items())
-        return 1 - kept / total
-
-    lo, hi = -12.0, 0.0  # log10 thresholds: keep (almost) all, keep one
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if removed(ranks_at(mid)) < ratio else (lo, mid)
-    return ranks_at(hi)
+    Direction ``i`` of a layer costs ``m + n`` parameters and dropping it costs ``s_i^2`` in
+    the method's norm: with whitening and ``weigh_outputs`` that is an estimate of the
+    calibration loss it adds (K-FAC), so one greedy pass spends the budget where the loss
+    is least hurt. A layer that reaches its break-even rank stays whole.
+    """
+    budget = (1 - ratio) * sum(m * n for m, n in shapes.values())
+    ranks = {p: round_to for p in shapes}
+    used = sum(round_to * (m + n) for m, n in shapes.values())
+    order = [(float(v) ** 2 / sum(shapes[p]), p) for p, sp in spectra.items() for v in sp.s[round_to:]]
+    for _, p in sorted(order, key=lambda t: -t[0]):
+        m, n = shapes[p]
+        if ranks[p] > break_even(m, n):
+            continue  # already whole
+        cost = m * n - ranks[p] * (m + n) if ranks[p] == break_even(m, n) else m + n
+        if used + cost > budget:
+            break
+        ranks[p] += 1
+        used += cost
+    return {p: r if r > break_even(*shapes[p]) else _round_down(r, round_to) for p, r in ranks.items()}

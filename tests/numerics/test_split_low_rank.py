@@ -6,6 +6,7 @@ import presso
 from presso.errors import ConfigError, PassError
 from presso.numerics import rel_error
 from presso.passes.low_rank import break_even, input_transform, spectrum
+from presso.passes.low_rank_sequential import reduced_rank_fit
 from presso.passes.split_low_rank import LowRankLinear
 from presso.testing import call, check_pass
 
@@ -37,6 +38,78 @@ def test_whitened_truncation_error_is_the_dropped_spectrum_and_beats_plain_svd()
         if method == "whiten":
             assert errors[method] == pytest.approx(float(spec.s[rank:].pow(2).sum()), rel=1e-3)
     assert errors["whiten"] < errors["svd"]
+
+
+def test_reduced_rank_fit_is_plain_whitening_on_unchanged_inputs_and_better_on_changed_ones():
+    x, w = correlated_inputs(), torch.randn(24, 32)
+    rank = 8
+    m, m_inv = input_transform("whiten", 32, x.t() @ x, None, x.shape[0])
+    a, b = spectrum(w, m, m_inv).factors(rank)
+    a2, b2 = reduced_rank_fit(w, x.t() @ x, x.t() @ x, x.shape[0], rank)
+    assert rel_error(x @ (b2 @ a2).t(), x @ (b @ a).t()) < 1e-2  # the same fit, up to the damping
+    # an upstream layer distorts the inputs (x -> x_new); the fit targets the original output W x
+    x_new = x @ (torch.eye(32) + 0.5 * torch.randn(32, 32) / 32 ** 0.5)
+    a3, b3 = reduced_rank_fit(w, x_new.t() @ x_new, x.t() @ x_new, x.shape[0], rank)
+    m, m_inv = input_transform("whiten", 32, x_new.t() @ x_new, None, x.shape[0])
+    a4, b4 = spectrum(w, m, m_inv).factors(rank)  # whitening on the new inputs, original weight
+    target = x @ w.t()
+    assert (x_new @ (b3 @ a3).t() - target).norm() < 0.95 * (x_new @ (b4 @ a4).t() - target).norm()
+
+
+def test_weighted_outputs_trade_error_towards_the_outputs_that_matter():
+    x, w = correlated_inputs(), torch.randn(24, 32)
+    weight = torch.linspace(0.01, 10, 24)
+    m, m_inv = input_transform("whiten", 32, x.t() @ x, None, x.shape[0])
+    errors = {}
+    for name, out_gram in (("plain", None), ("weighted", torch.diag(weight ** 2))):
+        a, b = spectrum(w, m, m_inv, out_gram).factors(8)
+        errors[name] = float(((x @ (b @ a - w).t()) * weight).norm())
+    assert errors["weighted"] < 0.9 * errors["plain"]
+
+
+def test_sensitivity_allocation_spends_the_budget_where_dropping_costs_most():
+    from presso.passes.low_rank import Spectrum
+    from presso.passes.split_low_rank import sensitivity_ranks
+
+    flat, steep = 2 * torch.ones(32), torch.logspace(0, -4, 32)
+    spectra = {"flat": Spectrum(None, flat, None, None), "steep": Spectrum(None, steep * 10, None, None)}
+    shapes = {"flat": (32, 32), "steep": (32, 32)}
+    ranks = sensitivity_ranks(spectra, shapes, ratio=0.5, round_to=1)
+    kept = sum(r * 64 if r <= break_even(32, 32) else 32 * 32 for r in ranks.values())
+    assert kept <= 0.5 * 2 * 32 * 32 and kept > 0.5 * 2 * 32 * 32 - 64
+    assert ranks["flat"] > ranks["steep"]  # the steep spectrum loses little beyond its first directions
+
+
+def test_output_gradient_grams_are_symmetric_per_output_and_leave_the_model_as_it_was():
+    from presso.api import _private_copy, _trace
+    from presso.pass_api import Context
+    from presso.passes.prune_stats import output_gradient_grams
+    from presso.signature import normalize_inputs
+
+    model, example = build("llama")
+    graph = _trace(_private_copy(model), normalize_inputs(example))
+    flags = {n: p.requires_grad for n, p in graph.module.named_parameters()}
+    ctx = Context(example_inputs=example, calibration=[normalize_inputs(other_inputs("llama", example))])
+    linears = {"model.layers.0.mlp.up_proj": graph.module.get_submodule("model.layers.0.mlp.up_proj")}
+    grams = output_gradient_grams(graph, ctx, linears)
+    g = grams["model.layers.0.mlp.up_proj"]
+    assert g.shape == (64, 64) and torch.allclose(g, g.t()) and torch.linalg.eigvalsh(g.double()).min() > -1e-6
+    assert {n: p.requires_grad for n, p in graph.module.named_parameters()} == flags
+    assert all(p.grad is None for p in graph.module.parameters())
+
+
+def test_sequential_whitening_fits_blocks_in_order_and_lowers_the_output_error():
+    model, example = build("llama")
+    calibration = [other_inputs("llama", example) for _ in range(16)]  # 384 rows for 64 inputs: enough to refit
+    reference = call(model, example)
+    errors = {}
+    for sequential in (False, True):
+        p = presso.make_pass("split_low_rank", ratio=0.3, method="whiten", targets=("*mlp*",), sequential=sequential)
+        compiled = presso.compile(model, [p], example_inputs=example, calibration=calibration)
+        stats = compiled.report["passes"][0]["stats"]
+        assert stats["fitted_sequentially"] == (len(stats["factored"]) if sequential else 0)
+        errors[sequential] = rel_error(call(compiled, example), reference)
+    assert errors[True] < errors[False]
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "opt", "vit"])

@@ -1,0 +1,134 @@
+"""Sequential whitening for ``split_low_rank``: block by block, each linear fit to the original's output.
+
+One-shot whitening fits every linear to its own inputs in the original model, so the errors
+of the factored layers add up unchecked. Here the repeated blocks are processed in order (as
+GPTQ does): a block sees the calibration inputs that the blocks before it, as already
+factored, produce. Inside a block the linears are fit in execution order, in waves of those
+that read the same tensor (q/k/v, then o; gate/up, then down). Each is a reduced-rank
+regression of the original linear's output on its input in the factored block:
+
+    min over rank-r W'  ||W H - W' H'||_F
+    W_ols = W (H^T H') (H'^T H')^-1,  then the whitened truncation of W_ols
+
+with ``H`` the linear's inputs in the original block and ``H'`` in the factored one (on the
+same block inputs), so a downstream linear (down_proj) partly undoes the error of those
+upstream (gate/up).
+"""
+from __future__ import annotations
+
+import copy
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from presso.graph import Graph
+from presso.passes.calibration import Call, capture_calls, find_blocks, run_block
+from presso.passes.common import linear_weight
+from presso.passes.low_rank import DAMP, LowRankLinear, input_transform, spectrum
+
+MIN_ROWS_PER_INPUT = 4  # calibration rows per input channel below which the weight is not refit
+
+
+@torch.no_grad()
+def factor_sequentially(graph: Graph, batches: list, chosen: dict[str, int],
+                        out_grams: dict[str, torch.Tensor] | None = None) -> dict[str, LowRankLinear]:
+    """Factor the linears ``chosen`` (path -> rank) that sit inside repeated blocks, in place.
+
+    ``out_grams`` (by path): weights on each linear's output error, as :func:`spectrum` takes them.
+
+    Returns the new modules by path; linears outside the blocks are left to the caller.
+    """
+    done: dict[str, LowRankLinear] = {}
+    blocks = find_blocks(graph.module)
+    if not blocks or not any(p.startswith(b + ".") for p in chosen for b, _ in blocks):
+        return done
+    calls = capture_calls(graph, blocks[0][1], batches)
+    for path, block in tqdm(blocks, desc="split_low_rank: sequential whitening", unit="block", leave=False):
+        mine = {p[len(path) + 1:]: p for p in chosen if p.startswith(path + ".")}
+        if mine:
+            original = copy.deepcopy(block)
+            for wave in execution_waves(block, list(mine), calls[0]):
+                grams = paired_grams(original, block, wave, calls)
+                for rel in wave:
+                    weight, bias = linear_weight(block.get_submodule(rel))
+                    a, b = reduced_rank_fit(weight, *grams[rel], chosen[mine[rel]], (out_grams or {}).get(mine[rel]))
+                    new = LowRankLinear(a, b, bias)
+                    block.set_submodule(rel, new)
+                    done[mine[rel]] = new
+        calls = [c.with_hidden(run_block(block, c)) for c in calls]
+    return done
+
+
+def execution_waves(block: nn.Module, paths: list[str], call: Call) -> list[list[str]]:
+    """``paths`` grouped by the tensor they read, groups in the order the block runs them."""
+    seen: dict[tuple, list[str]] = {}
+    alive = []  # inputs held until the end, so that no later tensor reuses an address
+
+    def hook(path):
+        def record(_m, args):
+            alive.append(args[0])
+            key = (args[0].data_ptr(), tuple(args[0].shape))
+            if path not in (p for group in seen.values() for p in group):
+                seen.setdefault(key, []).append(path)
+        return record
+
+    handles = [block.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
+    try:
+        run_block(block, call)
+    finally:
+        for h in handles:
+            h.remove()
+    waves = list(seen.values())  # dicts keep insertion order: the order of first use
+    missed = [p for p in paths if not any(p in w for w in waves)]
+    return waves + ([missed] if missed else [])
+
+
+def paired_grams(original: nn.Module, block: nn.Module, wave: list[str], calls: list[Call]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear: ``H'^T H'`` and ``H^T H'`` (inputs in the factored and the original block)."""
+    inputs: dict[tuple[str, str], torch.Tensor] = {}
+    sums: dict[str, list[torch.Tensor]] = {}
+
+    def hook(side, path):
+        def record(_m, args):
+            inputs[(side, path)] = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        return record
+
+    handles = [m.get_submodule(p).register_forward_pre_hook(hook(side, p))
+               for side, m in (("orig", original), ("new", block)) for p in wave]
+    try:
+        for call in calls:
+            run_block(original, call)
+            run_block(block, call)
+            for p in wave:
+                h, h_new = inputs[("orig", p)], inputs[("new", p)]
+                g, c = h_new.t() @ h_new, h.t() @ h_new  # float32 per batch, float64 across batches
+                if p not in sums:
+                    sums[p] = [g.double(), c.double(), 0]
+                else:
+                    sums[p][0] += g
+                    sums[p][1] += c
+                sums[p][2] += h_new.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: (g, c, rows) for p, (g, c, rows) in sums.items()}
+
+
+def reduced_rank_fit(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, rows: int, rank: int,
+                     out_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factors ``(A, B)`` of the rank-``rank`` ``W'`` closest to ``W H`` on inputs ``H'``.
+
+    ``gram = H'^T H'``, ``cross = H^T H'`` over ``rows`` calibration rows. With ``H = H'`` this
+    is plain whitened truncation; so it is with too few rows to refit the weight (the
+    regression would fit the calibration noise).
+    """
+    g = gram.double()
+    n = g.shape[0]
+    w_ols = weight.double()
+    if rows >= MIN_ROWS_PER_INPUT * n:
+        g = g + torch.eye(n, dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12)
+        w_ols = torch.linalg.solve(g, (w_ols @ cross.double()).t()).t()
+    m, m_inv = input_transform("whiten", n, gram, None, 1)
+    return spectrum(w_ols, m, m_inv, out_gram).factors(rank)
+
