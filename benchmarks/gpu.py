@@ -13,7 +13,9 @@ device copy bandwidth (bytes read plus written).
 Decode: a Llama-shaped decoder with random weights and a static KV cache, one token per
 step, each step captured in a CUDA graph on every side; tokens/s = 1 / median step time.
 Its linears are ``nn.Linear`` (bf16) or presso's Triton modules built from the modules that
-``quantize_weights`` / ``quantize_dynamic_int8`` produce (lm_head included).
+``quantize_weights`` / ``quantize_dynamic_int8`` produce (lm_head included). Each model is
+timed twice: the eager step, and the step through ``torch.compile`` (the Triton linears are
+custom ops there), both captured the same way.
 """
 from __future__ import annotations
 
