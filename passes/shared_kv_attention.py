@@ -17,16 +17,18 @@ def _repeat(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t if groups == 1 else t.repeat_interleave(groups, dim=1)
 
 
-def _opt_forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False, **kwargs):
+def _opt_forward(self, hidden_states, past_key_values=None, attention_mask=None, output_attentions=False,
+                 cache=None, **kwargs):
     from transformers.models.opt import modeling_opt
 
+    cache = cache if cache is not None else past_key_values  # transformers >= 5.24 calls it `cache`
     bsz, tgt_len, _ = hidden_states.size()
     shape = (bsz, -1, self.num_key_value_heads, self.head_dim)
     query = (self.q_proj(hidden_states) * self.scaling).view(bsz, -1, self.num_heads, self.head_dim).transpose(1, 2)
     key = self.k_proj(hidden_states).view(shape).transpose(1, 2)
     value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
-    if past_key_values is not None:
-        key, value = past_key_values.update(key, value, self.layer_idx)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
     groups = self.num_heads // self.num_key_value_heads
     interface = modeling_opt.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                    modeling_opt.eager_attention_forward)
