@@ -40,7 +40,8 @@ def factor_sequentially(graph: Graph, batches: list, chosen: dict[str, int],
     """
     done: dict[str, LowRankLinear] = {}
     blocks = find_blocks(graph.module)
-    if not blocks or not any(p.startswith(b + ".") for p in chosen for b, _ in blocks):
+    inside = {p for p in chosen for b, _ in blocks if p.startswith(b + ".")}
+    if not inside:
         return done
     calls = capture_calls(graph, blocks[0][1], batches)
     for path, block in tqdm(blocks, desc="split_low_rank: sequential whitening", unit="block", leave=False):
@@ -55,6 +56,8 @@ def factor_sequentially(graph: Graph, batches: list, chosen: dict[str, int],
                     new = LowRankLinear(a, b, bias)
                     block.set_submodule(rel, new)
                     done[mine[rel]] = new
+        if len(done) == len(inside):
+            break  # the later blocks keep their weights: no need to run them
         calls = [c.with_hidden(run_block(block, c)) for c in calls]
     return done
 
