@@ -72,10 +72,14 @@ def spectrum(weight: torch.Tensor, m: torch.Tensor | None, m_inv: torch.Tensor |
     return Spectrum(u, s, vh, m_inv, out_inv)
 
 
-def _cholesky(gram: torch.Tensor) -> torch.Tensor:
+def damped(gram: torch.Tensor) -> torch.Tensor:
+    """``gram`` in float64 plus ``DAMP`` of its mean diagonal: positive definite."""
     g = gram.double()
-    n = g.shape[0]
-    return torch.linalg.cholesky(g + torch.eye(n, dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12))
+    return g + torch.eye(g.shape[0], dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12)
+
+
+def _cholesky(gram: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.cholesky(damped(gram))
 
 
 def break_even(out_features: int, in_features: int) -> int:

@@ -17,6 +17,7 @@ upstream (gate/up).
 from __future__ import annotations
 
 import copy
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from presso.graph import Graph
 from presso.passes.calibration import Call, capture_calls, find_blocks, run_block
 from presso.passes.common import linear_weight
-from presso.passes.low_rank import DAMP, LowRankLinear, input_transform, spectrum
+from presso.passes.low_rank import LowRankLinear, damped, input_transform, spectrum
 
 MIN_ROWS_PER_INPUT = 4  # calibration rows per input channel below which the weight is not refit
 
@@ -87,8 +88,8 @@ def execution_waves(block: nn.Module, paths: list[str], call: Call) -> list[list
 
 
 def paired_grams(original: nn.Module, block: nn.Module, wave: list[str], calls: list[Call]
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per linear: ``H'^T H'`` and ``H^T H'`` (inputs in the factored and the original block)."""
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per linear: ``H'^T H'``, ``H^T H'`` and the row count (inputs in the factored and the original block)."""
     inputs: dict[tuple[str, str], torch.Tensor] = {}
     sums: dict[str, list[torch.Tensor]] = {}
 
@@ -126,12 +127,10 @@ def reduced_rank_fit(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tens
     is plain whitened truncation; so it is with too few rows to refit the weight (the
     regression would fit the calibration noise).
     """
-    g = gram.double()
-    n = g.shape[0]
+    n = gram.shape[0]
     w_ols = weight.double()
     if rows >= MIN_ROWS_PER_INPUT * n:
-        g = g + torch.eye(n, dtype=g.dtype) * DAMP * g.diagonal().mean().clamp(min=1e-12)
-        w_ols = torch.linalg.solve(g, (w_ols @ cross.double()).t()).t()
+        w_ols = torch.linalg.solve(damped(gram), (w_ols @ cross.double()).t()).t()
     m, m_inv = input_transform("whiten", n, gram, None, 1)
     return spectrum(w_ols, m, m_inv, out_gram).factors(rank)
 
