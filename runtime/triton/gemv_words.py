@@ -14,8 +14,17 @@ codes per 32-bit register as half-precision pairs (``c - 8`` in both halves by o
 and one subtraction), multiplied by activation pairs with packed ``fma.f16x2``: half the
 instructions per code, since an instruction count (an estimate, not a profile) puts the
 batch-1 kernel near the limit of instruction issue rather than of memory bandwidth.
+
+On Hopper and later the kernel is launched as a programmatic dependent launch (PDL): it
+starts while the kernel before it still runs and loads its first weight tiles, which no
+earlier kernel writes, before ``griddepcontrol.wait``; the activations and the output are
+touched only after it. The split-K output is zeroed by a small kernel of the same kind
+instead of a memset, so that the two can overlap. A batch-1 call is a few microseconds, of
+which the fixed cost of one launch after another is a large part (docs/benchmarks.md).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -32,6 +41,29 @@ def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor
     return words, scales.t().contiguous(), None if zeros is None else zeros.t().contiguous()
 
 
+def uses_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch: compute capability 9.0 and later, unless ``PRESSO_PDL=0``."""
+    return os.environ.get("PRESSO_PDL", "1") != "0" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+@triton.jit
+def _zero_kernel(out_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the GEMV may start loading weights now
+        tl.extra.cuda.gdc_wait()  # but ``out`` may still be in use by the kernels before
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(out_ptr + offs, tl.zeros((BLOCK,), dtype=out_ptr.dtype.element_ty), mask=offs < N)
+
+
+def _zero(out: torch.Tensor, pdl: bool) -> None:
+    _zero_kernel[(triton.cdiv(out.numel(), 1024),)](out, out.numel(), BLOCK=1024, PDL=pdl, launch_pdl=pdl)
+
+
+def _zero_hook(nargs) -> None:
+    """Split-K programs add into the output: zero it first (before each timed launch too)."""
+    _zero(nargs["out_ptr"], nargs["PDL"])
+
+
 def _configs() -> list[triton.Config]:
     # a tile of TILE_W words sits inside one quantization block (TILE_W divides its words);
     # many programs (SPLIT_K up to 64) keep enough loads in flight to stream the weight
@@ -40,7 +72,7 @@ def _configs() -> list[triton.Config]:
         (256, 16, 16, 4), (128, 8, 16, 4), (128, 4, 16, 4), (512, 4, 32, 4), (64, 4, 8, 2),
         (256, 4, 16, 4), (256, 8, 8, 4), (128, 8, 8, 4),  # these three for K of a few hundred (SmolLM2)
         (1024, 8, 64, 8)],  # int8 at 4096 columns
-        flag="DEQUANT", flag_values=(0, 1, 2))
+        flag="DEQUANT", flag_values=(0, 1, 2), zero=_zero_hook)
 
 
 def _prune(configs, named_args, **kwargs):
@@ -133,7 +165,8 @@ def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w):
 @triton.jit
 def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORDS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr, DEQUANT: tl.constexpr):
+                       BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr, DEQUANT: tl.constexpr,
+                       PDL: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS  # codes per word
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
@@ -154,6 +187,8 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
             zero = tl.load(z_ptr + block * N + rn, mask=mask_n, other=0).to(tl.float32)[None, :]
         else:
             zero = 1 << (BITS - 1)
+        if PDL:  # weights, scales and zero points are constant; x may come from the kernel before
+            tl.extra.cuda.gdc_wait()
         if DEQUANT == 2:  # symmetric int4: zero point 8 is subtracted inside
             base = rw * CPW
             dot = _dot8_half2(words, _x_pair(x_ptr, base, 0, K, mask_w), _x_pair(x_ptr, base, 1, K, mask_w),
@@ -172,6 +207,9 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
             else:
                 acc += (dot - x_sum[:, None] * zero) * scale
     result = tl.sum(acc, axis=0)
+    if PDL:
+        tl.extra.cuda.gdc_wait()  # a program with no tile still must not write before the zeroing
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_BIAS:
         result += tl.load(bias_ptr + rn, mask=mask_n & (pid_k == 0), other=0.0).to(tl.float32)
     if SPLIT_K == 1:
@@ -192,8 +230,9 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
         raise ValueError("DEQUANT=2 (half-precision pairs) is for symmetric int4 only")
     if config is not None and (n_words // blocks) % config["TILE_W"]:
         raise ValueError(f"TILE_W={config['TILE_W']} must divide the {n_words // blocks} words of one quantization block")
+    pdl = uses_pdl(x.device)
     if config is not None and config.get("SPLIT_K", 1) > 1:
-        out.zero_()
+        _zero(out, pdl)
     kernel = _gemv_words_kernel if config is None else _gemv_words_kernel.fn
 
     def grid(meta):
@@ -201,6 +240,6 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
 
     kernel[grid](x1, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, n, k, n_words, BITS=bits, GROUP=group,
-                 HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None,
+                 HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl,
                  **({} if config is None else {"num_warps": 4, "DEQUANT": 1} | config))
     return out.reshape(*x.shape[:-1], n)

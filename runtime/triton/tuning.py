@@ -10,14 +10,16 @@ def zero_output(nargs) -> None:
     nargs["out_ptr"].zero_()
 
 
-def grid(keys: tuple[str, ...], rows: list[tuple], flag: str, flag_values: tuple[int, ...] = (0, 1)) -> list[triton.Config]:
-    """One config per row (``keys`` values, then ``num_warps``) and per value of the switch ``flag``."""
+def grid(keys: tuple[str, ...], rows: list[tuple], flag: str, flag_values: tuple[int, ...] = (0, 1),
+         zero=zero_output) -> list[triton.Config]:
+    """One config per row (``keys`` values, then ``num_warps``) and per value of the switch ``flag``;
+    ``zero(nargs)`` clears the output before split-K configurations."""
     out = []
     for *values, warps in rows:
         split_k = dict(zip(keys, values)).get("SPLIT_K", 1)
         for on in flag_values:
             out.append(triton.Config(dict(zip(keys, values), **{flag: on}), num_warps=warps, num_stages=3,
-                                     pre_hook=zero_output if split_k > 1 else None))
+                                     pre_hook=zero if split_k > 1 else None))
     return out
 
 

@@ -87,6 +87,32 @@ def test_word_gemv_matches_reference(n, k, bits, group, symmetric):
     assert rel(got, ref) < TOLERANCE
 
 
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_word_gemv_in_a_cuda_graph(monkeypatch, pdl):
+    """Replayed back to back in one graph (the decode setting), with and without dependent launch:
+    each call's zeroing, loads and adds stay ordered against the calls around it."""
+    monkeypatch.setenv("PRESSO_PDL", pdl)
+    n, k = 1536, 576
+    packed, operands = _packed(n, k, 4, 64, True, torch.bfloat16)
+    words = gemv_words.prepare_words(*operands)
+    xs = [torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+    config = dict(BLOCK_N=128, TILE_W=4, SPLIT_K=3, DEQUANT=2)
+    for x in xs:  # compile outside the capture
+        gemv_words.gemv_words(x, *words, k, 4, config=config)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [gemv_words.gemv_words(x, *words, k, 4, config=config) for x in xs]
+        chained = gemv_words.gemv_words(outs[0][:, :k] * 0.01, *words, k, 4, config=config)  # reads a result
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    for x, got in zip(xs, outs):
+        assert rel(got, weight_only_reference(x, packed.packed, packed.scales, None, k, 4)) < TOLERANCE
+    ref = weight_only_reference(outs[0][:, :k] * 0.01, packed.packed, packed.scales, None, k, 4)
+    assert rel(chained, ref) < TOLERANCE
+
+
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bits, group, symmetric", FORMATS)
 def test_word_gemm_matches_reference(n, k, bits, group, symmetric):
