@@ -5,7 +5,9 @@
 Symmetric int4, group 128, bf16 activations, the four large shapes of ``benchmarks.gpu``,
 timed the same way (CUDA-graph replays over weight copies that overflow L2):
 
-- V0: the autotuned kernel as ``presso`` runs it: the split-K output is zeroed by a memset node, then the kernel.
+- V0: the autotuned kernel as ``presso`` runs it: the split-K output is zeroed, then the kernel
+  (a memset in the two documented runs; since then a zeroing kernel, both dependent-launched
+  on Hopper: ``benchmarks/gemv_pdl.py``).
 - V1: V0's chosen configuration without the memset (the output is wrong; the time is the kernel's alone).
 - V2: a kernel that only loads the same tiles: the ceiling of this memory layout and grid.
 - V3: split K into an fp32 workspace with a per-column-block counter; the last program writes
@@ -202,7 +204,7 @@ def run_v1(x, s, n, k, cfg):  # current kernel, given config, no zeroing
     grid = (triton.cdiv(n, c["BLOCK_N"]), c["SPLIT_K"])
     words = s["words"]
     gw._gemv_words_kernel.fn[grid](x, words, s["st"], words, s["st"], out, n, k, words.shape[0], BITS=4, GROUP=128,
-                                   HAS_ZEROS=False, HAS_BIAS=False, DEQUANT=2, **c)
+                                   HAS_ZEROS=False, HAS_BIAS=False, DEQUANT=2, PDL=False, **c)
     return out
 
 
