@@ -11,6 +11,7 @@ import contextlib
 import linecache
 import logging
 import os
+import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -148,7 +149,19 @@ def _clean_path(path: str) -> str:
     path = path.replace("[", ".").replace("]", "").replace("'", "")
     if path.startswith("_modules."):
         path = path.replace("_modules.", "")
-    return _strip(path)
+    return _strip(_SLICE.sub(_sliced_index, path))
+
+
+# torch.export names modules by their source path when one module is reached by two (a
+# shared factor): a module list sliced in forward (HF's ``layers[:n]``) then reads
+# "layers.slice(None, 2, None).0"
+_SLICE = re.compile(r"\.slice\((None|\d+), (None|-?\d+), (None|\d+)\)\.(\d+)")
+
+
+def _sliced_index(match: re.Match) -> str:
+    start = int(match[1]) if match[1] != "None" else 0
+    step = int(match[3]) if match[3] != "None" else 1
+    return f".{start + int(match[4]) * step}"
 
 
 def _strip(name: str) -> str:
@@ -179,3 +192,16 @@ def user_frame(exc: BaseException) -> str:
             line = (fr.line or linecache.getline(fr.filename, fr.lineno)).strip()
             return f"{fr.filename}:{fr.lineno} in {fr.name}: {line}"
     return ""
+
+
+def replace_module(root: nn.Module, path: str, new: nn.Module) -> list[str]:
+    """Put ``new`` at ``path`` and at every other path that holds the same module object.
+
+    A module reached by several paths (a first factor shared by gate and up) stays shared
+    when a pass replaces it, instead of being split into a new and a stale copy.
+    """
+    old = root.get_submodule(path)
+    paths = [p for p, m in root.named_modules(remove_duplicate=False) if m is old and p]
+    for p in paths:
+        root.set_submodule(p, new)
+    return paths

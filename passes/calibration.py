@@ -71,6 +71,30 @@ def run_block(block: nn.Module, call: Call) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@torch.no_grad()
+def group_by_input(modules: dict[str, nn.Module], forward: Callable[[], object]) -> list[list[str]]:
+    """``modules`` (by path) grouped by the tensor they read in one ``forward()``, groups in
+    the order they first run; a module that did not run is a group of its own, at the end."""
+    groups: dict[tuple, list[str]] = {}
+    alive = []  # inputs held until the end, so that no later tensor reuses an address
+
+    def hook(path):
+        def record(_m, args):
+            alive.append(args[0])
+            if not any(path in g for g in groups.values()):
+                groups.setdefault((args[0].data_ptr(), tuple(args[0].shape)), []).append(path)
+        return record
+
+    handles = [m.register_forward_pre_hook(hook(p)) for p, m in modules.items()]
+    try:
+        forward()
+    finally:
+        for h in handles:
+            h.remove()
+    seen = [p for g in groups.values() for p in g]
+    return list(groups.values()) + [[p] for p in modules if p not in seen]
+
+
 class InputStats:
     """``X^T X`` and the mean absolute value per input channel of one linear's inputs."""
 

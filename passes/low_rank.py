@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from presso.passes.common import linear_weight
+
 ASVD_ALPHA = 0.5
 DAMP = 1e-4  # of the mean diagonal, so that X^T X is positive definite
 # of the mean diagonal, added to an output-weight Gram matrix: K-FAC gradient Grams from a few
@@ -28,6 +30,8 @@ DAMP = 1e-4  # of the mean diagonal, so that X^T X is positive definite
 # SmolLM2, 20% of the MLP, 32 calibration sequences: 55.37 / 55.30 / 54.62 / 52.58 / 53.67
 # perplexity at 1e-4 / 1e-2 / 0.1 / 1 / 10 (docs/benchmarks.md, low-rank).
 OUT_DAMP = 1.0
+
+Unit = tuple[str, ...]  # paths of linears factored together: one, or several sharing one first factor
 
 
 @dataclass
@@ -64,14 +68,15 @@ def input_transform(method: str, n: int, gram: torch.Tensor | None, sq: torch.Te
 
 
 def spectrum(weight: torch.Tensor, m: torch.Tensor | None, m_inv: torch.Tensor | None,
-             out_gram: torch.Tensor | None = None) -> Spectrum:
+             out_grams: list[torch.Tensor] | None = None) -> Spectrum:
     """The SVD of ``W M``, or of ``R^T W M`` with ``R R^T = out_gram`` when the output error is
-    weighted (``out_gram``: how much each pair of outputs matters downstream)."""
+    weighted (``out_grams``: how much each pair of outputs matters downstream, one matrix per
+    block of rows of ``W``: the members of a group stacked to share one first factor)."""
     w = weight.double()
     w = w if m is None else w @ m
     out_inv = None
-    if out_gram is not None:
-        r = _cholesky(out_gram, OUT_DAMP)
+    if out_grams is not None:
+        r = torch.block_diag(*(_cholesky(g, OUT_DAMP) for g in out_grams))  # each damped by its own scale
         w = r.t() @ w
         out_inv = torch.linalg.solve_triangular(r.t(), torch.eye(r.shape[0], dtype=r.dtype), upper=True)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
@@ -99,15 +104,40 @@ def rank_for_energy(s: torch.Tensor, energy: float) -> int:
 
 
 class LowRankLinear(nn.Sequential):
-    """``first`` (in -> rank, no bias) then ``second`` (rank -> out, with the original bias)."""
+    """``first`` (in -> rank, no bias) then ``second`` (rank -> out, with the original bias).
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None):
-        first = nn.Linear(a.shape[1], a.shape[0], bias=False)
-        second = nn.Linear(b.shape[1], b.shape[0], bias=bias is not None)
-        with torch.no_grad():
-            first.weight.copy_(a)
-            second.weight.copy_(b)
-            if bias is not None:
-                second.bias.copy_(bias)
+    Linears that read the same tensor (gate and up, q/k/v) may hold one ``first`` module
+    between them: one set of parameters, and one product once ONNX Runtime merges the
+    repeated MatMul.
+    """
+
+    def __init__(self, first: nn.Linear, second: nn.Linear):
         super().__init__(OrderedDict(first=first, second=second))
-        self.in_features, self.out_features, self.rank = a.shape[1], b.shape[0], a.shape[0]
+
+    # read from the factors, so that they stay right when a later pass resizes those
+    in_features = property(lambda self: self.first.in_features)
+    out_features = property(lambda self: self.second.out_features)
+    rank = property(lambda self: self.first.out_features)
+
+
+def low_rank_linears(a: torch.Tensor, b: torch.Tensor, biases: list[torch.Tensor | None],
+                     sizes: list[int]) -> list[LowRankLinear]:
+    """One :class:`LowRankLinear` per block of ``sizes`` rows of ``B``, all sharing ``first`` = ``A``."""
+    first = _linear(a, None)
+    return [LowRankLinear(first, _linear(part, bias)) for part, bias in zip(b.split(sizes), biases)]
+
+
+def replace_unit(root: nn.Module, paths: list[str], a: torch.Tensor, b: torch.Tensor) -> None:
+    """Put ``B A`` (the factors of the linears at ``paths``, weights stacked) in their place."""
+    olds = [linear_weight(root.get_submodule(p)) for p in paths]
+    for path, new in zip(paths, low_rank_linears(a, b, [bias for _, bias in olds], [w.shape[0] for w, _ in olds])):
+        root.set_submodule(path, new)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        if bias is not None:
+            linear.bias.copy_(bias)
+    return linear

@@ -23,68 +23,56 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from presso.graph import Graph
-from presso.passes.calibration import Call, capture_calls, find_blocks, run_block
+from presso.passes.calibration import Call, capture_calls, find_blocks, group_by_input, run_block
 from presso.passes.common import linear_weight
-from presso.passes.low_rank import LowRankLinear, damped, input_transform, spectrum
+from presso.passes.low_rank import Unit, damped, input_transform, replace_unit, spectrum
 
 MIN_ROWS_PER_INPUT = 4  # calibration rows per input channel below which the weight is not refit
 
 
 @torch.no_grad()
-def factor_sequentially(graph: Graph, batches: list, chosen: dict[str, int],
-                        out_grams: dict[str, torch.Tensor] | None = None) -> dict[str, LowRankLinear]:
-    """Factor the linears ``chosen`` (path -> rank) that sit inside repeated blocks, in place.
+def factor_sequentially(graph: Graph, batches: list, chosen: dict[Unit, int],
+                        out_grams: dict[str, torch.Tensor] | None = None) -> set[Unit]:
+    """Factor the units ``chosen`` (unit -> rank) that sit inside repeated blocks, in place.
 
+    A unit is one linear or several that read the same tensor and share one first factor.
     ``out_grams`` (by path): weights on each linear's output error, as :func:`spectrum` takes them.
 
-    Returns the new modules by path; linears outside the blocks are left to the caller.
+    Returns the units factored; those outside the blocks are left to the caller.
     """
-    done: dict[str, LowRankLinear] = {}
+    done: set[Unit] = set()
     blocks = find_blocks(graph.module)
-    inside = {p for p in chosen for b, _ in blocks if p.startswith(b + ".")}
+    inside = {u for u in chosen for b, _ in blocks if u[0].startswith(b + ".")}
     if not inside:
         return done
     calls = capture_calls(graph, blocks[0][1], batches)
     for path, block in tqdm(blocks, desc="split_low_rank: sequential whitening", unit="block", leave=False):
-        mine = {p[len(path) + 1:]: p for p in chosen if p.startswith(path + ".")}
+        mine = [u for u in inside if u[0].startswith(path + ".")]
         if mine:
             original = copy.deepcopy(block)
-            for wave in execution_waves(block, list(mine), calls[0]):
+            for wave in execution_waves(block, [u[0][len(path) + 1:] for u in mine], calls[0]):
                 grams = paired_grams(original, block, wave, calls)
-                for rel in wave:
-                    weight, bias = linear_weight(block.get_submodule(rel))
-                    a, b = reduced_rank_fit(weight, *grams[rel], chosen[mine[rel]], (out_grams or {}).get(mine[rel]))
-                    new = LowRankLinear(a, b, bias)
-                    block.set_submodule(rel, new)
-                    done[mine[rel]] = new
+                for unit in (u for u in mine if u[0][len(path) + 1:] in wave):
+                    fit_unit(block, path, unit, grams[unit[0][len(path) + 1:]], chosen[unit], out_grams)
+                    done.add(unit)
         if len(done) == len(inside):
             break  # the later blocks keep their weights: no need to run them
         calls = [c.with_hidden(run_block(block, c)) for c in calls]
     return done
 
 
+def fit_unit(block: nn.Module, prefix: str, unit: Unit, grams: tuple, rank: int,
+             out_grams: dict[str, torch.Tensor] | None) -> None:
+    """Replace the unit's linears in ``block`` by their reduced-rank fit (its members share inputs)."""
+    rels = [p[len(prefix) + 1:] for p in unit]
+    weight = torch.cat([linear_weight(block.get_submodule(r))[0] for r in rels])
+    a, b = reduced_rank_fit(weight, *grams, rank, [out_grams[p] for p in unit] if out_grams else None)
+    replace_unit(block, rels, a, b)
+
+
 def execution_waves(block: nn.Module, paths: list[str], call: Call) -> list[list[str]]:
     """``paths`` grouped by the tensor they read, groups in the order the block runs them."""
-    seen: dict[tuple, list[str]] = {}
-    alive = []  # inputs held until the end, so that no later tensor reuses an address
-
-    def hook(path):
-        def record(_m, args):
-            alive.append(args[0])
-            key = (args[0].data_ptr(), tuple(args[0].shape))
-            if path not in (p for group in seen.values() for p in group):
-                seen.setdefault(key, []).append(path)
-        return record
-
-    handles = [block.get_submodule(p).register_forward_pre_hook(hook(p)) for p in paths]
-    try:
-        run_block(block, call)
-    finally:
-        for h in handles:
-            h.remove()
-    waves = list(seen.values())  # dicts keep insertion order: the order of first use
-    missed = [p for p in paths if not any(p in w for w in waves)]
-    return waves + ([missed] if missed else [])
+    return group_by_input({p: block.get_submodule(p) for p in paths}, lambda: run_block(block, call))
 
 
 def paired_grams(original: nn.Module, block: nn.Module, wave: list[str], calls: list[Call]
@@ -120,7 +108,7 @@ def paired_grams(original: nn.Module, block: nn.Module, wave: list[str], calls: 
 
 
 def reduced_rank_fit(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, rows: int, rank: int,
-                     out_gram: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     out_grams: list[torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors ``(A, B)`` of the rank-``rank`` ``W'`` closest to ``W H`` on inputs ``H'``.
 
     ``gram = H'^T H'``, ``cross = H^T H'`` over ``rows`` calibration rows. With ``H = H'`` this
@@ -132,5 +120,5 @@ def reduced_rank_fit(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tens
     if rows >= MIN_ROWS_PER_INPUT * n:
         w_ols = torch.linalg.solve(damped(gram), (w_ols @ cross.double()).t()).t()
     m, m_inv = input_transform("whiten", n, gram, None, 1)
-    return spectrum(w_ols, m, m_inv, out_gram).factors(rank)
+    return spectrum(w_ols, m, m_inv, out_grams).factors(rank)
 

@@ -117,6 +117,8 @@ def can_resize(m: nn.Module, size: int) -> bool:
 def _out(m: nn.Module | None) -> int | None:
     if m is None:
         return None
+    if not hasattr(m, "weight"):  # a factored projection (LowRankLinear): its last linear's width
+        return _out(list(m.children())[-1])
     return m.weight.shape[1] if type(m).__name__ == "Conv1D" else m.weight.shape[0]
 
 

@@ -13,11 +13,13 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
+from torch import nn
+
 from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes import prune_policy, prune_recover
-from presso.passes.common import matches
+from presso.passes.common import is_linear, matches
 from presso.passes.dep_groups import FAMILIES, DepGraph, DepGroup, build_dep_graph
 from presso.passes.importance import Evidence
 from presso.passes.prune_apply import apply_masks, can_resize, keep_masks, update_config
@@ -74,6 +76,11 @@ class PruneStructured(Pass):
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         cfg = self.config
+        shared = shared_linears(graph.module)
+        if shared:
+            raise ConfigError("prune_structured cannot yet cut a linear held at several paths: "
+                              + " and ".join(shared[0]),
+                              hint="run prune_structured before split_low_rank, or split with share_inputs=False")
         dep = build_dep_graph(graph)
         groups, skipped = self._select(graph, dep)
         if not groups:
@@ -154,3 +161,12 @@ def _widths(groups: list[DepGroup], decisions) -> dict[str, set[int]]:
         kept = int(decisions[g.name].sum()) if g.name in decisions else g.size
         widths.setdefault(g.family, set()).add(kept)
     return widths
+
+
+def shared_linears(root: nn.Module) -> list[list[str]]:
+    """Paths of each linear module that more than one path reaches (split_low_rank's shared factors)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in root.named_modules(remove_duplicate=False):
+        if is_linear(module):
+            paths.setdefault(id(module), []).append(path)
+    return [p for p in paths.values() if len(p) > 1]

@@ -12,7 +12,7 @@ from typing import Literal
 
 from torch import nn
 
-from presso.graph import Graph
+from presso.graph import Graph, replace_module
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes.common import is_linear, linear_weight, matches
 from presso.runtime.int8 import DynamicInt8Linear
@@ -58,7 +58,7 @@ class QuantizeDynamicInt8(Pass):
         for path, module in chosen.items():
             weight, bias = linear_weight(module)
             new = DynamicInt8Linear.from_weight(weight, bias, per_token=self.config.activations == "per_token")
-            graph.module.set_submodule(path, new)
+            replace_module(graph.module, path, new)
             bytes_before += weight.numel() * weight.element_size()
             bytes_after += new.weight_t.numel() + new.weight_scale.numel() * 4
         # a weight tied to an embedding gets its own int8 copy; the float table stays for lookups

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from presso.errors import ConfigError
-from presso.graph import Graph
+from presso.graph import Graph, replace_module
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes.common import is_linear, linear_weight, matches
 from presso.passes.observers import RangeObserver
@@ -72,9 +72,9 @@ class QuantizeStaticInt8(Pass):
             chosen = {p: m for p, m in chosen.items() if p not in kept}
             stats["kept_in_float"] = kept
         for path, module in chosen.items():
-            graph.module.set_submodule(path, replacement(module, acts[path]))
+            replace_module(graph.module, path, replacement(module, acts[path]))
         for path, module in dynamic.items():
-            graph.module.set_submodule(path, DynamicInt8Linear.from_weight(*linear_weight(module)))
+            replace_module(graph.module, path, DynamicInt8Linear.from_weight(*linear_weight(module)))
         stats["quantized"] = len(chosen)
         stats["dynamic"] = sorted(dynamic)
         return PassResult(graph, modified=bool(chosen or dynamic), stats=stats)

@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from presso.errors import ConfigError
-from presso.graph import Graph
+from presso.graph import Graph, replace_module
 from presso.pass_api import Context, Pass, PassConfig, PassResult
 from presso.passes import awq
 from presso.passes.calibration import StatsCollector, find_blocks, peak_rss_bytes, segments, weight_of
@@ -93,7 +93,7 @@ class QuantizeWeights(Pass):
         if cfg.method == "rtn":
             for path, module in chosen.items():
                 weight, bias = linear_weight(module)
-                graph.module.set_submodule(path, WeightOnlyLinear.quantize(weight, bias, formats[path]))
+                replace_module(graph.module, path, WeightOnlyLinear.quantize(weight, bias, formats[path]))
         else:
             stats.update(calibrate_and_quantize(graph, chosen, formats, batches, cfg))
         stats["quantize_seconds"] = round(time.perf_counter() - start, 2)
@@ -111,10 +111,10 @@ def quantize_embeddings(graph: Graph, chosen: dict[str, nn.Module], cfg: Quantiz
     tables = {p: m for p, m in graph.called_modules().items() if type(m) is nn.Embedding}  # subclasses (learned positions) add logic
     for path, emb in tables.items():
         packed = PackedWeight(quantize_weight(emb.weight.detach(), fmt))
-        graph.module.set_submodule(path, WeightOnlyEmbedding(packed, emb.padding_idx))
+        replace_module(graph.module, path, WeightOnlyEmbedding(packed, emb.padding_idx))
         for lpath, linear in chosen.items():
             if isinstance(linear, nn.Linear) and linear.weight is emb.weight:
-                graph.module.set_submodule(lpath, WeightOnlyLinear(packed, linear.bias, tied=True))
+                replace_module(graph.module, lpath, WeightOnlyLinear(packed, linear.bias, tied=True))
                 tied.add(lpath)
     stats["embeddings"] = {"tables": list(tables), "bits": fmt.bits, "tied_linears": sorted(tied)}
     return tied
@@ -157,7 +157,7 @@ def calibrate_and_quantize(graph: Graph, chosen: dict[str, nn.Module], formats: 
                     q = gptq_quantize(weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order,
                                       fixed=group_level(q))
                 q = refit_scales(weight, q, h)
-            graph.module.set_submodule(path, WeightOnlyLinear(PackedWeight(q), bias))
+            replace_module(graph.module, path, WeightOnlyLinear(PackedWeight(q), bias))
     return {"calibration_batches": len(batches), "awq_alpha": alphas,
             "calibration_memory": {"block_inputs_bytes": peak_inputs, "hessian_bytes": hessian_bytes,
                                    "process_peak_rss_bytes": peak_rss_bytes()}}

@@ -9,7 +9,6 @@ whose rank would not save parameters (r (m + n) >= m n) is left alone and report
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,8 +18,9 @@ from torch import nn
 from presso.errors import ConfigError
 from presso.graph import Graph
 from presso.pass_api import Context, Pass, PassConfig, PassResult
+from presso.passes.calibration import group_by_input
 from presso.passes.common import linear_weight, matches
-from presso.passes.low_rank import (LowRankLinear, Spectrum, break_even, input_transform, rank_for_energy,
+from presso.passes.low_rank import (Spectrum, Unit, break_even, input_transform, rank_for_energy, replace_unit,
                                     spectrum)
 from presso.passes.low_rank_sequential import factor_sequentially
 from presso.passes.prune_stats import output_gradient_grams, record_inputs
@@ -41,6 +41,9 @@ class SplitLowRankConfig(PassConfig):
     sequential: bool = True
     # whiten: weigh each linear's output error by the calibration loss's sensitivity to it (K-FAC)
     weigh_outputs: bool = True
+    # linears that read the same tensor (gate and up, q/k/v) share one first factor: the same
+    # parameters buy a higher rank (rank= then counts per shared factor)
+    share_inputs: bool = True
 
     def validate(self) -> None:
         given = [n for n in ("ratio", "rank", "energy") if getattr(self, n) is not None]
@@ -79,57 +82,67 @@ class SplitLowRank(Pass):
         if not chosen:
             raise ConfigError(f"no linear matches targets {list(cfg.targets)} (minus skip {list(cfg.skip)})",
                               hint="targets are glob patterns on module paths, e.g. '*mlp*' or 'model.layers.*.mlp.*'")
+        units = shared_input_units(graph, chosen) if cfg.share_inputs else [(p,) for p in chosen]
+        shapes = {u: (sum(linear_weight(chosen[p])[0].shape[0] for p in u), linear_weight(chosen[u[0]])[0].shape[1])
+                  for u in units}
         weighted = cfg.method == "whiten" and cfg.weigh_outputs
         out_grams = output_gradient_grams(graph, ctx, chosen, "split_low_rank: output gradients") if weighted else {}
-        spectra = self._spectra(graph, ctx, chosen, out_grams)
-        ranks = self._ranks(chosen, spectra)
-        done, left = {}, {}
-        for path, module in chosen.items():
-            m, n = linear_weight(module)[0].shape
-            if ranks[path] > break_even(m, n):
-                left[path] = f"rank {ranks[path]} would not save parameters (break-even {break_even(m, n)})"
-            else:
-                done[path] = ranks[path]
-        fitted = {}
+        spectra = self._spectra(graph, ctx, chosen, units, out_grams)
+        ranks = self._ranks(shapes, spectra)
+        done = {u: r for u, r in ranks.items() if r <= break_even(*shapes[u])}
+        left = {p: f"rank {r} would not save parameters (break-even {break_even(*shapes[u])})"
+                for u, r in ranks.items() if u not in done for p in u}
+        fitted = set()
         if cfg.method == "whiten" and cfg.sequential:
             fitted = factor_sequentially(graph, list(ctx.calibration), done, out_grams)
-        for path in done:
-            if path not in fitted:  # one-shot: outside the repeated blocks, or not sequential
-                a, b = spectra[path].factors(ranks[path])
-                graph.module.set_submodule(path, LowRankLinear(a, b, linear_weight(chosen[path])[1]))
-        before = sum(math.prod(linear_weight(m)[0].shape) for m in chosen.values())
-        after = sum(r * sum(linear_weight(chosen[p])[0].shape) for p, r in done.items()) + \
-            sum(math.prod(linear_weight(chosen[p])[0].shape) for p in left)
-        return PassResult(graph, bool(done), {"factored": done, "left_alone": left, "method": cfg.method,
-                                              "fitted_sequentially": len(fitted),
+        for unit in done.keys() - fitted:  # one-shot: outside the repeated blocks, or not sequential
+            replace_unit(graph.module, list(unit), *spectra[unit].factors(ranks[unit]))
+        before = sum(m * n for m, n in shapes.values())
+        after = sum(r * sum(shapes[u]) for u, r in done.items()) + sum(m * n for u, (m, n) in shapes.items() if u not in done)
+        return PassResult(graph, bool(done), {"factored": {p: r for u, r in done.items() for p in u},
+                                              "left_alone": left, "method": cfg.method,
+                                              "sharing_first_factor": [list(u) for u in done if len(u) > 1],
+                                              "fitted_sequentially": sum(len(u) for u in fitted),
                                               "params_removed_in_selected": 1 - after / before})
 
-    def _spectra(self, graph: Graph, ctx: Context, chosen: dict[str, nn.Module],
-                 out_grams: dict[str, torch.Tensor]) -> dict[str, Spectrum]:
+    def _spectra(self, graph: Graph, ctx: Context, chosen: dict[str, nn.Module], units: list[Unit],
+                 out_grams: dict[str, torch.Tensor]) -> dict[Unit, Spectrum]:
         method = self.config.method
         stats = None
+        firsts = {u[0]: chosen[u[0]] for u in units}  # a unit's members read the same inputs
         if method != "svd":
-            stats = record_inputs(graph, ctx, chosen, grams=set(chosen) if method == "whiten" else set(),
+            stats = record_inputs(graph, ctx, firsts, grams=set(firsts) if method == "whiten" else set(),
                                   desc=f"split_low_rank: {method} statistics")
         out = {}
-        for path, module in chosen.items():
-            w = linear_weight(module)[0]
-            m, m_inv = input_transform(method, w.shape[1], stats and stats.gram.get(path),
-                                       stats and stats.sq.get(path), stats.rows.get(path, 1) if stats else 1)
-            out[path] = spectrum(w, m, m_inv, out_grams.get(path))
+        for unit in units:
+            w = torch.cat([linear_weight(chosen[p])[0] for p in unit])
+            first = unit[0]
+            m, m_inv = input_transform(method, w.shape[1], stats and stats.gram.get(first),
+                                       stats and stats.sq.get(first), stats.rows.get(first, 1) if stats else 1)
+            out[unit] = spectrum(w, m, m_inv, [out_grams[p] for p in unit] if out_grams else None)
         return out
 
-    def _ranks(self, chosen: dict[str, nn.Module], spectra: dict[str, Spectrum]) -> dict[str, int]:
+    def _ranks(self, shapes: dict[Unit, tuple[int, int]], spectra: dict[Unit, Spectrum]) -> dict[Unit, int]:
         cfg = self.config
-        shapes = {p: tuple(linear_weight(m)[0].shape) for p, m in chosen.items()}
         if cfg.rank is not None:
-            return {p: cfg.rank for p in chosen}
+            return {u: cfg.rank for u in shapes}
         if cfg.energy is not None:
-            return {p: _round_up(rank_for_energy(spectra[p].s, cfg.energy), cfg.round_to) for p in chosen}
+            return {u: _round_up(rank_for_energy(spectra[u].s, cfg.energy), cfg.round_to) for u in shapes}
         if cfg.allocate == "uniform":
-            return {p: max(cfg.round_to, _round_down(round((1 - cfg.ratio) * m * n / (m + n)), cfg.round_to))
-                    for p, (m, n) in shapes.items()}
+            return {u: max(cfg.round_to, _round_down(round((1 - cfg.ratio) * m * n / (m + n)), cfg.round_to))
+                    for u, (m, n) in shapes.items()}
         return sensitivity_ranks(spectra, shapes, cfg.ratio, cfg.round_to)
+
+
+def shared_input_units(graph: Graph, chosen: dict[str, nn.Module]) -> list[Unit]:
+    """Sibling linears that read the same tensor (gate/up, q/k/v) as one unit; the others alone."""
+    units = []
+    for group in group_by_input(chosen, graph.run):
+        by_parent: dict[str, list[str]] = {}
+        for path in group:
+            by_parent.setdefault(path.rpartition(".")[0], []).append(path)
+        units += [tuple(paths) for paths in by_parent.values()]
+    return units
 
 
 def _round_up(r: int, step: int) -> int:

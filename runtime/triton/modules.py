@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from presso.graph import replace_module
 from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyLinear
 from presso.runtime.triton import ops, weight_only
@@ -79,13 +80,13 @@ class TritonW8A8Linear(nn.Module):
 def to_triton(root: nn.Module) -> dict[str, str]:
     """Swap every quantized linear that has a Triton kernel, in place; what was swapped, by path."""
     swapped = {}
-    for path, module in list(root.named_modules()):
+    for path, module in list(root.named_modules()):  # a shared module is listed (and swapped) once
         if isinstance(module, WeightOnlyLinear):
             new = TritonWeightOnlyLinear(module)
         elif isinstance(module, DynamicInt8Linear) and module.per_token:
             new = TritonW8A8Linear(module)
         else:
             continue
-        root.set_submodule(path, new)
+        replace_module(root, path, new)
         swapped[path] = type(new).__name__
     return swapped

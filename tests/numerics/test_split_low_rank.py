@@ -7,7 +7,8 @@ from presso.errors import ConfigError, PassError
 from presso.numerics import rel_error
 from presso.passes.low_rank import break_even, input_transform, spectrum
 from presso.passes.low_rank_sequential import reduced_rank_fit
-from presso.passes.split_low_rank import LowRankLinear
+from presso.passes.low_rank import LowRankLinear
+from presso.runtime.nbits import WeightOnlyLinear
 from presso.testing import call, check_pass
 
 from models import build, other_inputs
@@ -61,7 +62,7 @@ def test_weighted_outputs_trade_error_towards_the_outputs_that_matter():
     weight = torch.linspace(0.01, 10, 24)
     m, m_inv = input_transform("whiten", 32, x.t() @ x, None, x.shape[0])
     errors = {}
-    for name, out_gram in (("plain", None), ("weighted", torch.diag(weight ** 2))):
+    for name, out_gram in (("plain", None), ("weighted", [torch.diag(weight ** 2)])):
         a, b = spectrum(w, m, m_inv, out_gram).factors(8)
         errors[name] = float(((x @ (b @ a - w).t()) * weight).norm())
     assert errors["weighted"] < 0.9 * errors["plain"]
@@ -137,7 +138,7 @@ def test_uniform_ratio_with_round_to_and_targets():
 
 def test_a_layer_that_would_grow_is_left_alone_and_reported():
     model, example = build("llama")
-    compiled = presso.compile(model, [presso.make_pass("split_low_rank", rank=18, method="svd")],
+    compiled = presso.compile(model, [presso.make_pass("split_low_rank", rank=18, method="svd", share_inputs=False)],
                               example_inputs=example)
     stats = compiled.report["passes"][0]["stats"]
     assert "model.layers.0.self_attn.q_proj" in stats["left_alone"]  # 32 x 32: break-even rank 15
@@ -193,3 +194,50 @@ def test_share_then_split_then_quantize_compose_in_one_compile_with_each_step_re
     assert all(s["modified"] and s["rel_error_step"] < 1.0 for s in steps)
     assert compiled.report["backend_rel_error"] < 1e-4
     assert "| split_low_rank |" in compiled.report.to_markdown()
+    mlp = compiled.module.model.layers[0].mlp  # gate and up kept one (quantized) first factor
+    assert isinstance(mlp.gate_proj.first, WeightOnlyLinear) and mlp.gate_proj.first is mlp.up_proj.first
+
+
+def test_linears_that_read_one_tensor_share_a_first_factor_that_is_exact_at_full_rank():
+    from presso.passes.low_rank import low_rank_linears
+
+    x, gate, up = correlated_inputs(), torch.randn(48, 32), torch.randn(40, 32)
+    m, m_inv = input_transform("whiten", 32, x.t() @ x, None, x.shape[0])
+    a, b = spectrum(torch.cat([gate, up]), m, m_inv).factors(32)
+    new_gate, new_up = low_rank_linears(a, b, [None, torch.ones(40)], [48, 40])
+    assert new_gate.first is new_up.first
+    assert torch.allclose(new_gate(x), x @ gate.t(), atol=1e-3 * x.abs().max())
+    assert torch.allclose(new_up(x), x @ up.t() + 1, atol=1e-3 * x.abs().max())
+
+
+def test_shared_first_factors_are_reported_and_counted_once():
+    model, example = build("llama")
+    calibration = [other_inputs("llama", example) for _ in range(4)]
+    stats = {}
+    for share in (False, True):
+        p = presso.make_pass("split_low_rank", ratio=0.3, targets=("*mlp*",), share_inputs=share)
+        compiled = check_pass(p, model, example, tolerance=p.max_rel_error, calibration=calibration)
+        stats[share] = compiled.report["passes"][0]["stats"]
+        counted = sum(t.numel() for t in compiled.module.parameters())  # a shared tensor counts once
+        assert compiled.report["params_after"] == counted
+        assert stats[share]["params_removed_in_selected"] == pytest.approx(0.3, abs=0.03)
+    assert not stats[False]["sharing_first_factor"]
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in stats[True]["sharing_first_factor"]
+    # the same parameters buy a higher rank for gate and up when they share
+    assert stats[True]["factored"]["model.layers.0.mlp.up_proj"] > stats[False]["factored"]["model.layers.0.mlp.up_proj"]
+
+
+def test_pruning_composes_before_a_split_and_names_the_way_out_after_a_shared_one():
+    model, example = build("llama")
+    calibration = [other_inputs("llama", example) for _ in range(3)]
+    prune, split = (presso.make_pass("prune_structured", ratio=0.2), presso.make_pass("split_low_rank", ratio=0.3))
+    compiled = presso.compile(model, [prune, split], example_inputs=example, calibration=calibration,
+                              backend="onnxruntime")
+    assert compiled.report["backend_rel_error"] < 1e-4
+    assert compiled.report["passes"][1]["stats"]["sharing_first_factor"]
+    with pytest.raises(ConfigError, match="run prune_structured before split_low_rank"):
+        presso.compile(model, [split, prune], example_inputs=example, calibration=calibration)
+    unshared = presso.make_pass("split_low_rank", ratio=0.3, share_inputs=False)
+    compiled = presso.compile(model, [unshared, prune], example_inputs=example, calibration=calibration,
+                              backend="onnxruntime")
+    assert compiled.report["backend_rel_error"] < 1e-4
