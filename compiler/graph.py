@@ -65,11 +65,14 @@ class Graph:
                 yield node, node.meta["presso"]
 
     def called_modules(self) -> dict[str, nn.Module]:
-        """Submodules that issue ops in the trace, by path, in call order."""
+        """Submodules that issue ops in the trace, by path, in call order; a module reached by
+        several paths (a shared factor) is listed once, at the first."""
         seen: dict[str, nn.Module] = {}
         for _, info in self.nodes():
             if info.module_path and info.module_path not in seen:
-                seen[info.module_path] = self.module.get_submodule(info.module_path)
+                module = self.module.get_submodule(info.module_path)
+                if not any(m is module for m in seen.values()):
+                    seen[info.module_path] = module
         return seen
 
     # --- the eager view --------------------------------------------------

@@ -107,8 +107,8 @@ class LowRankLinear(nn.Sequential):
     """``first`` (in -> rank, no bias) then ``second`` (rank -> out, with the original bias).
 
     Linears that read the same tensor (gate and up, q/k/v) may hold one ``first`` module
-    between them: one set of parameters, and one product once ONNX Runtime merges the
-    repeated MatMul.
+    between them: one set of parameters, and one product in the exported ONNX graph (the
+    export merges the repeated MatMul).
     """
 
     def __init__(self, first: nn.Linear, second: nn.Linear):

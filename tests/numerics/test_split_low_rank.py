@@ -241,3 +241,19 @@ def test_pruning_composes_before_a_split_and_names_the_way_out_after_a_shared_on
     compiled = presso.compile(model, [unshared, prune], example_inputs=example, calibration=calibration,
                               backend="onnxruntime")
     assert compiled.report["backend_rel_error"] < 1e-4
+
+
+@pytest.mark.parametrize("quantizer, options", [("quantize_dynamic_int8", {}), ("quantize_static_int8", {}),
+                                                ("quantize_weights", dict(bits=4, group_size=16, method="gptq"))])
+def test_each_quantizer_replaces_a_shared_factor_once_at_every_path(quantizer, options):
+    model, example = build("llama")
+    calibration = [other_inputs("llama", example) for _ in range(3)]
+    passes = [presso.make_pass("split_low_rank", ratio=0.3), presso.make_pass(quantizer, **options)]
+    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration, backend="onnxruntime")
+    attention = compiled.module.model.layers[1].self_attn
+    assert attention.q_proj.first is attention.k_proj.first is attention.v_proj.first
+    assert not isinstance(attention.q_proj.first, torch.nn.Linear)  # quantized, and still one module
+    linears = {id(m) for m in compiled.module.modules() if not isinstance(m, (LowRankLinear, torch.nn.Sequential))
+               and hasattr(m, "in_features") and "Linear" in type(m).__name__}
+    assert compiled.report["passes"][1]["stats"]["quantized"] == len(linears)  # each module once
+    assert compiled.report["backend_rel_error"] < 1e-4
