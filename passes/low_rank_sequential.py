@@ -47,14 +47,14 @@ def factor_sequentially(graph: Graph, batches: list, chosen: dict[Unit, int],
         return done
     calls = capture_calls(graph, blocks[0][1], batches)
     for path, block in tqdm(blocks, desc="split_low_rank: sequential whitening", unit="block", leave=False):
-        mine = [u for u in inside if u[0].startswith(path + ".")]
+        mine = {u[0][len(path) + 1:]: u for u in inside if u[0].startswith(path + ".")}  # by first member
         if mine:
             original = copy.deepcopy(block)
-            for wave in execution_waves(block, [u[0][len(path) + 1:] for u in mine], calls[0]):
+            for wave in execution_waves(block, list(mine), calls[0]):
                 grams = paired_grams(original, block, wave, calls)
-                for unit in (u for u in mine if u[0][len(path) + 1:] in wave):
-                    fit_unit(block, path, unit, grams[unit[0][len(path) + 1:]], chosen[unit], out_grams)
-                    done.add(unit)
+                for rel in wave:
+                    fit_unit(block, path, mine[rel], grams[rel], chosen[mine[rel]], out_grams)
+                    done.add(mine[rel])
         if len(done) == len(inside):
             break  # the later blocks keep their weights: no need to run them
         calls = [c.with_hidden(run_block(block, c)) for c in calls]
