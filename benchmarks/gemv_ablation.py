@@ -18,7 +18,7 @@ timed the same way (CUDA-graph replays over weight copies that overflow L2):
 
 And for int8 weight-only (per-channel scales): presso's autotuned kernel against V2 on the
 int8 words, the ceiling of the int8 layout.
-Results and the conclusions drawn: docs/benchmarks.md, "Where the batch-1 int4 kernel's time goes".
+Results and the conclusions drawn: docs/history/benchmarks-2026-11.md, "Where the batch-1 int4 kernel's time goes".
 """
 import itertools
 import sys
@@ -310,7 +310,8 @@ def main():
                   / ref.norm()).item()
         b = dict(best.kwargs, num_warps=best.num_warps, num_stages=best.num_stages)
         b.pop("DEQUANT", None)
-        v1 = graph_us([lambda s=s: run_v1(x, s, n, k, b) for s in sets]) if best.kwargs.get("DEQUANT") == 2 else float("nan")
+        v1 = (graph_us([lambda s=s: run_v1(x, s, n, k, b) for s in sets]) if best.kwargs.get("DEQUANT") == 2
+              else float("nan"))
         print(f"  V1 (V0's config, no memset) {v1:.2f} us", flush=True)
 
         def computing(fn):

@@ -139,7 +139,8 @@ def kernel_rows(copy_bw: float) -> list[dict]:
                     first["tiny"] if isinstance(first["tiny"], str) else
                     [lambda s=s: torch.ops.aten._weight_int4pack_mm(x, s["tiny"][0], 128, s["tiny"][1]) for s in sets],
                     n * k // 2 + n * k // 128 * 4),
-                "presso int4 g128": ([lambda s=s: weight_only.weight_only_matmul(x, s["int4"][0], s["int4"][1], None, k, 4,
+                "presso int4 g128": ([lambda s=s: weight_only.weight_only_matmul(x, s["int4"][0], s["int4"][1], None, k,
+                                                                                  4,
                                                                                   words=s["int4w"])
                                       for s in sets], first["int4"][0].numel() + first["int4"][1].numel() * 2),
                 "presso int8 weight-only": (

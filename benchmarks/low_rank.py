@@ -7,7 +7,7 @@ parameters, for each method (``svd``, ``asvd``, ``whiten``); at 20% of the MLP p
 each method against ``prune_structured`` removing the same MLP parameters; the same
 budgets pruned (heads+MLP) for the plot; ``share_attention_heads`` to one kv head with
 each grouping and merge. Perplexity by the shared protocol in torch (equal to ONNX Runtime
-for fp32: docs/benchmarks.md); rows marked ``export`` are exported and timed in ONNX
+for fp32: docs/results.md); rows marked ``export`` are exported and timed in ONNX
 Runtime: prefill of 128 tokens, decode at 128 and at ``--long`` tokens of context, and KV
 cache bytes per token. Methods at one ratio have identical shapes, so only ``whiten`` rows
 are timed.
@@ -25,10 +25,9 @@ import numpy as np
 import torch
 
 import presso
+from benchmarks.llm import disk_mb, machine, measure_latency
 from presso import eval as ev
 from presso import models
-
-from benchmarks.llm import disk_mb, machine, measure_latency
 
 METHODS = ("svd", "asvd", "whiten")
 
@@ -86,7 +85,8 @@ def run(args) -> list[dict]:
     torch.set_num_threads(args.threads)
     model, tokenizer = models.load("smollm2-135m")
     n_params = sum(p.numel() for p in model.parameters())
-    linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head")
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and n != "lm_head")
     mlp = sum(p.numel() for n, p in model.named_parameters() if ".mlp." in n)
     calibration = ev.calibration_batches(tokenizer, n=args.calibration, seq_len=256, batch_size=8)
     example = torch.randint(3, 1000, (1, 16))
@@ -156,7 +156,8 @@ def plot(rows: list[dict], out: Path) -> None:
     for r in rows:
         if r["family"] in ("mlp", "share"):
             ax.scatter(100 * r["removed"], r["ppl"], marker="s", s=25)
-            ax.annotate(r["label"], (100 * r["removed"], r["ppl"]), fontsize=6, xytext=(4, 2), textcoords="offset points")
+            ax.annotate(r["label"], (100 * r["removed"], r["ppl"]), fontsize=6, xytext=(4, 2),
+                        textcoords="offset points")
     ax.set_yscale("log")
     ax.set_xlabel("parameters removed (%)")
     ax.set_ylabel("WikiText-2 perplexity (log scale, lower is better)")

@@ -48,7 +48,8 @@ def embed(model, batch) -> torch.Tensor:
 def recipes() -> list[tuple[str, list]]:
     mp = presso.make_pass
     return [("quantize_dynamic_int8", [mp("quantize_dynamic_int8")]),
-            ("quantize_static_int8 (mse)", [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse")]),
+            ("quantize_static_int8 (mse)",
+             [mp("smooth_quant", search=True), mp("quantize_static_int8", observer="mse")]),
             ("quantize_weights int8 per-channel", [mp("quantize_weights", bits=8, group_size=-1)]),
             ("quantize_weights int4 g64 RTN", [mp("quantize_weights", group_size=64)]),
             ("quantize_weights int4 g64 GPTQ", [mp("quantize_weights", group_size=64, method="gptq")]),
@@ -98,7 +99,8 @@ def run(args) -> list[dict]:
 def table(rows: list[dict], n: int) -> str:
     lines = [f"| recipe (all-MiniLM-L6-v2, {n} sentences, ONNX Runtime) | weights (MB) | params kept | cosine mean "
              "| cosine min | ORT vs torch reference (rel. error) | compress (s) |",
-             "|---|---:|---:|---:|---:|---:|---:|", f"| fp32 | {rows[0]['mb_before']:.1f} | 100% | 1.0000 | 1.0000 | | |"]
+             "|---|---:|---:|---:|---:|---:|---:|",
+             f"| fp32 | {rows[0]['mb_before']:.1f} | 100% | 1.0000 | 1.0000 | | |"]
     lines += [f"| {r['label']} | {r['mb']:.1f} | {100 * r['params']:.0f}% | {r['mean']:.4f} | {r['min']:.4f} "
               f"| {r['gap']:.1e} | {r['seconds']:.0f} |" for r in rows]
     return "\n".join(lines)

@@ -9,8 +9,8 @@ import copy
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
@@ -103,7 +103,8 @@ def nncf_int4(group: int) -> Callable:
         import nncf
 
         compressed = nncf.compress_weights(
-            untie_transposed_weights(onnx.load(str(fp32))), mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group, ratio=1.0,
+            untie_transposed_weights(onnx.load(str(fp32))), mode=nncf.CompressWeightsMode.INT4_SYM,
+            group_size=group, ratio=1.0,
             awq=True, scale_estimation=True, dataset=nncf.Dataset(feeds))
         onnx.save(compressed, str(out))
     return quantize

@@ -21,10 +21,9 @@ from pathlib import Path
 import torch
 
 import presso
+from benchmarks.llm import disk_mb, machine, measure_latency
 from presso import eval as ev
 from presso import models
-
-from benchmarks.llm import disk_mb, machine, measure_latency
 
 TP_TIMEOUT = 600
 
@@ -139,8 +138,9 @@ def plot(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    series = {"heads+mlp, no recovery": [r for r in rows if "heads+mlp" in r["label"] and r["label"].endswith("activation")],
-              "heads+mlp + recover": [r for r in rows if "heads+mlp" in r["label"] and "activation + recover" in r["label"]
+    both = [r for r in rows if "heads+mlp" in r["label"]]
+    series = {"heads+mlp, no recovery": [r for r in both if r["label"].endswith("activation")],
+              "heads+mlp + recover": [r for r in both if "activation + recover" in r["label"]
                                       and "hidden" not in r["label"]]}
     for name, pts in series.items():
         pts = [rows[0]] + sorted(pts, key=lambda r: r["removed"])

@@ -11,6 +11,9 @@ from pathlib import Path
 
 from presso.errors import ConfigError, ExportError, PressoError
 
+DEFAULT_CALIBRATION = 16  # windows, for a pass that needs data when no recipe says how many
+DEFAULT_SEQ_LEN = 128
+
 
 def parse_pass(tokens: list[str]):
     """``["name", "key=value", ...]`` -> a configured pass."""
@@ -45,7 +48,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from presso import eval as ev
     from presso import models
 
-    passes = [parse_pass(tokens) for tokens in args.passes or []]
+    recipe = load_recipe(args.recipe) if args.recipe else None
+    passes = (recipe.make_passes() if recipe else []) + [parse_pass(tokens) for tokens in args.passes or []]
     out = Path(args.out)
     check_writable(out)
     print(f"loading {args.model} ...", file=sys.stderr)
@@ -53,11 +57,31 @@ def cmd_compile(args: argparse.Namespace) -> int:
     example = torch.randint(3, min(tokenizer.vocab_size, 1000), (1, 16))
     calibration = None
     if any("calibration" in p.requires for p in passes):
-        calibration = ev.calibration_batches(tokenizer, n=args.calibration, seq_len=args.seq_len)
+        n = args.calibration or (recipe.calibration if recipe else 0) or DEFAULT_CALIBRATION
+        seq_len = args.seq_len or (recipe.seq_len if recipe else DEFAULT_SEQ_LEN)
+        print(f"calibrating on {n} x {seq_len} tokens of WikiText-2 validation ...", file=sys.stderr)
+        calibration = ev.calibration_batches(tokenizer, n=n, seq_len=seq_len)
     compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration)
     print(f"exporting to {out} ...", file=sys.stderr)
     compiled.export(out, tokenizer=tokenizer)
     print(compiled.report.to_markdown())
+    return 0
+
+
+def load_recipe(name: str):
+    from presso.recipes import load_recipe as load
+
+    return load(name)
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from presso.recipes import list_recipes
+    from presso.recipes import load_recipe as load
+
+    print(f"{'recipe':<16} {'size':>9}  {'perplexity (Δ)':<17} {'measured on':<13} what it does")
+    for name in list_recipes():
+        print(load(name).row())
+    print("run one: presso compile --model smollm2-135m --recipe NAME --out DIR (results: docs/results.md)")
     return 0
 
 
@@ -143,8 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--pass", dest="passes", action="append", nargs="+", metavar="NAME [key=value]",
                    help="a pass and its options; repeat for several passes")
     c.add_argument("--out", required=True, help="output folder (model.onnx, manifest.json, report.md, tokenizer)")
-    c.add_argument("--calibration", type=int, default=16, help="calibration windows, for passes that need data")
-    c.add_argument("--seq-len", type=int, default=128, help="calibration window length in tokens")
+    c.add_argument("--recipe", help="a named recipe (presso recipes lists them); --pass adds passes after it")
+    c.add_argument("--calibration", type=int, default=None,
+                   help=f"calibration windows, for passes that need data (default: the recipe's, else "
+                        f"{DEFAULT_CALIBRATION})")
+    c.add_argument("--seq-len", type=int, default=None,
+                   help=f"calibration window length in tokens (default: the recipe's, else {DEFAULT_SEQ_LEN})")
     c.set_defaults(func=cmd_compile)
 
     e = sub.add_parser("eval", help="perplexity of an exported folder or a model")
@@ -161,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     sub.add_parser("passes", help="list registered passes with their options").set_defaults(func=cmd_passes)
+    sub.add_parser("recipes", help="list the named recipes with what they measured").set_defaults(func=cmd_recipes)
 
     d = sub.add_parser("demo", help="compile the embedded SmolLM2 with int8, evaluate it and let it answer")
     d.add_argument("--out", default="out/demo", help="export folder (default: out/demo)")

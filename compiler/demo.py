@@ -34,7 +34,8 @@ def run_demo(out: str | Path = "out/demo", windows: int = 8) -> dict:
     result = {"artifact": str(path), "bytes_on_disk": compiled.report["bytes_on_disk"],
               "bytes_fp32": compiled.report["bytes_before"], "ppl_fp32": ppl_fp32, "ppl_int8": ppl_int8,
               "answer": answer, "seconds": time.perf_counter() - start}
-    print(f"size: {result['bytes_fp32'] / 1e6:.1f} MB float32 weights -> {result['bytes_on_disk'] / 1e6:.1f} MB ONNX on disk")
+    print(f"size: {result['bytes_fp32'] / 1e6:.1f} MB float32 weights -> "
+          f"{result['bytes_on_disk'] / 1e6:.1f} MB ONNX on disk")
     print(f"perplexity: float32 eager {ppl_fp32:.2f} -> int8 ONNX Runtime {ppl_int8:.2f} "
           f"({100 * (ppl_int8 / ppl_fp32 - 1):+.1f}%)")
     print(f"prompt: {PROMPT}\nanswer (int8, ONNX Runtime, greedy): {answer}")

@@ -13,8 +13,9 @@ import logging
 import os
 import re
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -79,10 +80,17 @@ class Graph:
     def traceable(self) -> Traceable:
         return Traceable(self.module, self.spec)
 
-    @torch.no_grad()
-    def run(self, inputs: Inputs | None = None) -> tuple[torch.Tensor, ...]:
+    def forward(self, inputs: Inputs | None = None, module: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+        """Flat outputs of ``module`` (default: the working copy) on ``inputs``, gradients allowed.
+        Another module with the same call signature (the original, kept for a refit) runs too."""
         inputs = inputs or self.example_inputs
-        return self.traceable()(*self.spec.flatten_inputs(inputs.args, inputs.kwargs))
+        model = self.traceable() if module is None else Traceable(module, self.spec)
+        return model(*self.spec.flatten_inputs(inputs.args, inputs.kwargs))
+
+    @torch.no_grad()
+    def run(self, inputs: Inputs | None = None, module: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
+        """:meth:`forward` without gradients."""
+        return self.forward(inputs, module)
 
 
 def export_program(traceable: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, bool]:

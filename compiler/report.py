@@ -45,17 +45,24 @@ class Report(dict):
             lines.append(f"| {label} | {b:,} | {a:,} | {a / b if b else 0:.3f} |")
         if self.get("bytes_on_disk"):
             lines.append(f"| bytes on disk (ONNX) | | {self['bytes_on_disk']:,} | |")
-        lines += ["", "| pass | seconds | parameters after | bytes after | rel. error (step) | rel. error (total) | stats |",
+        lines += ["", "| pass | seconds | parameters after | bytes after | rel. error (step) "
+                  "| rel. error (total) | stats |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for p in self.get("passes", []):
             stats = ", ".join(f"{k}={_short(v)}" for k, v in p["stats"].items())
-            lines.append(f"| {p['name']} | {p['seconds']:.2f} | {p.get('params_after', 0):,} | {p.get('bytes_after', 0):,} "
+            lines.append(f"| {p['name']} | {p['seconds']:.2f} | {p.get('params_after', 0):,} "
+                         f"| {p.get('bytes_after', 0):,} "
                          f"| {p['rel_error_step']:.2e} | "
                          f"{p['rel_error_total']:.2e} | {stats} |")
         lines += ["", f"output relative error vs the original: {self.get('rel_error', 0.0):.3e} "
                       f"(max abs {self.get('max_abs_error', 0.0):.3e}) on the example inputs"]
         if "backend_rel_error" in self:
             lines.append(f"backend vs torch reference: relative error {self['backend_rel_error']:.3e}")
+        if "export_check" in self:
+            check = self["export_check"]
+            lines.append(f"exported ONNX file vs the compiled model, in ONNX Runtime: relative error "
+                         f"{check['rel_error']:.3e} (tolerance {check['tolerance']:g}) on "
+                         f"{', '.join(check['checked_on'])}")
         return "\n".join(lines) + "\n"
 
 

@@ -8,14 +8,14 @@ from presso.plugins.hookspecs import hookimpl
 
 @hookimpl
 def presso_register_passes(registrar) -> None:
-    from presso.passes.quantize_dynamic_int8 import QuantizeDynamicInt8
-    from presso.passes.quantize_static_int8 import QuantizeStaticInt8
-    from presso.passes.prune_structured import PruneStructured
-    from presso.passes.quantize_weights import QuantizeWeights
-    from presso.passes.rotate_residual import RotateResidual
-    from presso.passes.share_attention_heads import ShareAttentionHeads
-    from presso.passes.smooth_quant import SmoothQuant
-    from presso.passes.split_low_rank import SplitLowRank
+    from presso.passes.head_sharing.share_attention_heads import ShareAttentionHeads
+    from presso.passes.low_rank.split_low_rank import SplitLowRank
+    from presso.passes.pruning.prune_structured import PruneStructured
+    from presso.passes.quantization.quantize_dynamic_int8 import QuantizeDynamicInt8
+    from presso.passes.quantization.quantize_static_int8 import QuantizeStaticInt8
+    from presso.passes.quantization.quantize_weights import QuantizeWeights
+    from presso.passes.quantization.rotate_residual import RotateResidual
+    from presso.passes.quantization.smooth_quant import SmoothQuant
 
     for p in (PruneStructured, QuantizeDynamicInt8, QuantizeStaticInt8, QuantizeWeights, RotateResidual,
               ShareAttentionHeads, SmoothQuant, SplitLowRank):
@@ -24,10 +24,18 @@ def presso_register_passes(registrar) -> None:
 
 @hookimpl
 def presso_register_importances(registrar) -> None:
-    from presso.passes.importance import BUILTIN_IMPORTANCES
+    from presso.passes.pruning.importance import BUILTIN_IMPORTANCES
 
     for importance in BUILTIN_IMPORTANCES:
         registrar.add_importance(importance)
+
+
+@hookimpl
+def presso_register_adapters(registrar) -> None:
+    from presso.passes.common.adapters import builtin_adapters
+
+    for adapter in builtin_adapters():
+        registrar.add_adapter(adapter)
 
 
 @hookimpl

@@ -25,7 +25,7 @@ hookimpl = pluggy.HookimplMarker("presso")
 
 
 @hookspec
-def presso_register_passes(registrar: "Registrar") -> None:
+def presso_register_passes(registrar: Registrar) -> None:
     """Add pass classes with ``registrar.add_pass(PassClass)``.
 
     :param registrar: records each pass under its ``name``; a name already taken by
@@ -34,7 +34,7 @@ def presso_register_passes(registrar: "Registrar") -> None:
 
 
 @hookspec
-def presso_register_backends(registrar: "Registrar") -> None:
+def presso_register_backends(registrar: Registrar) -> None:
     """Add backends with ``registrar.add_backend(name, lower)``.
 
     :param registrar: ``lower(graph) -> run`` turns a compiled :class:`presso.Graph`
@@ -43,7 +43,7 @@ def presso_register_backends(registrar: "Registrar") -> None:
 
 
 @hookspec
-def presso_register_onnx_lowerings(registrar: "Registrar") -> None:
+def presso_register_onnx_lowerings(registrar: Registrar) -> None:
     """Add ONNX translations for custom torch ops with ``registrar.add_onnx_lowering(op, fn)``.
 
     :param registrar: ``op`` is a ``torch.ops`` overload a pass inserts (for example
@@ -53,9 +53,20 @@ def presso_register_onnx_lowerings(registrar: "Registrar") -> None:
 
 
 @hookspec
-def presso_register_importances(registrar: "Registrar") -> None:
+def presso_register_importances(registrar: Registrar) -> None:
     """Add pruning importances with ``registrar.add_importance(ImportanceClass)``.
 
-    :param registrar: records each :class:`presso.passes.importance.Importance` subclass
+    :param registrar: records each :class:`presso.passes.pruning.importance.Importance` subclass
         under its ``name``, the value of ``prune_structured(importance=...)``.
+    """
+
+
+@hookspec
+def presso_register_adapters(registrar: Registrar) -> None:
+    """Add model-family adapters with ``registrar.add_adapter(adapter)``.
+
+    :param registrar: ``adapter`` is a :class:`presso.passes.common.adapters.Adapter`: it finds
+        a family's attention modules, says how their projections are laid out and which
+        attributes and config keys follow a change of head counts. A plugin's adapter is
+        asked before the built-in ones.
     """

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import importlib.metadata as md
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pluggy
 
@@ -35,6 +36,7 @@ class Registry:
     backends: dict[str, Callable] = field(default_factory=dict)
     onnx_lowerings: dict[Any, Callable] = field(default_factory=dict)
     importances: dict[str, type] = field(default_factory=dict)
+    adapters: list = field(default_factory=list)  # model-family adapters, plugins' before the built-ins
     sources: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, name) -> plugin
     plugins: dict[str, str] = field(default_factory=dict)  # plugin -> version
     failures: list[PluginFailure] = field(default_factory=list)
@@ -65,6 +67,20 @@ class Registrar:
             raise PluginError(f"plugin {self.plugin!r} registered {importance_cls!r} without a snake_case `name`")
         self._add("importance", name, importance_cls, self._registry.importances)
 
+    def add_adapter(self, adapter: Any) -> None:
+        """A model-family adapter (``presso.passes.common.adapters.Adapter``); a plugin's adapter is
+        asked before the built-in ones, so it can take over a family."""
+        name = getattr(adapter, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"plugin {self.plugin!r} registered {adapter!r} without a `name`")
+        if any(a.name == name for a in self._registry.adapters):
+            raise PluginError(f"adapter {name!r} is registered twice: by "
+                              f"{self._registry.sources[('adapter', name)]!r} and by {self.plugin!r}",
+                              hint="uninstall one of the two plugins, or rename the adapter in one of them")
+        builtin = self.plugin == BUILTIN
+        self._registry.adapters.insert(len(self._registry.adapters) if builtin else 0, adapter)
+        self._registry.sources[("adapter", name)] = self.plugin
+
     def add_onnx_lowering(self, op: Any, fn: Callable) -> None:
         self._add("onnx lowering", op, fn, self._registry.onnx_lowerings)
 
@@ -94,21 +110,26 @@ def build_registry(extra_plugins: dict[str, object] | None = None) -> Registry:
         pm.register(plugin, name=name)
         registry.plugins[name] = "local"
     for hook in ("presso_register_backends", "presso_register_onnx_lowerings", "presso_register_importances",
-                 "presso_register_passes"):
+                 "presso_register_adapters", "presso_register_passes"):
         for impl in getattr(pm.hook, hook).get_hookimpls():
-            _call(impl, registry)
+            _call(pm, hook, impl.plugin_name, registry)
     return registry
 
 
-def _call(impl: pluggy.HookImpl, registry: Registry) -> None:
+def _call(pm: pluggy.PluginManager, hook: str, plugin: str, registry: Registry) -> None:
+    """One plugin's implementation, through pluggy's hook caller (tracing, monitoring and the
+    plugin's own wrappers apply); one caller per plugin, so that each registrar knows whose
+    names it records and a broken plugin is skipped alone."""
+    others = [p for name, p in pm.list_name_plugin() if name != plugin]
+    caller = pm.subset_hook_caller(hook, remove_plugins=others)
     try:
-        impl.function(registrar=Registrar(registry, impl.plugin_name))
+        caller(registrar=Registrar(registry, plugin))
     except PluginError:
         raise
     except Exception as exc:  # noqa: BLE001 - a broken third-party plugin is skipped, not fatal
-        if impl.plugin_name == BUILTIN:  # a broken install of presso itself must not pass silently
+        if plugin == BUILTIN:  # a broken install of presso itself must not pass silently
             raise
-        _fail(registry, impl.plugin_name, f"{impl.function.__name__} raised {type(exc).__name__}: {exc}")
+        _fail(registry, plugin, f"{hook} raised {type(exc).__name__}: {exc}")
 
 
 def _entry_point_plugins(registry: Registry):

@@ -8,9 +8,10 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from presso.errors import ExportError
 
@@ -25,7 +26,9 @@ def model_path(path: str | os.PathLike) -> Path:
 
 @contextmanager
 def staged(target_dir: Path) -> Iterator[Path]:
-    """Yield a staging folder; on success its files replace those in ``target_dir``, manifest last."""
+    """Yield a staging folder; on success its files replace those in ``target_dir``, manifest last.
+    On failure nothing changes: a ``target_dir`` made here is removed again."""
+    made = _missing_parents(target_dir)
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=".presso-stage-", dir=target_dir))
@@ -38,10 +41,33 @@ def staged(target_dir: Path) -> Iterator[Path]:
         for f in files:
             os.replace(f, target_dir / f.name)
     except OSError as exc:
+        _remove_empty(made)
         raise ExportError(f"writing the artifact to {target_dir} failed: {exc}",
                           hint="check free disk space and permissions") from exc
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        _remove_empty(made)
+        raise
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _missing_parents(folder: Path) -> list[Path]:
+    """``folder`` and its parents that do not exist yet, deepest first."""
+    missing = []
+    for p in (folder, *folder.parents):
+        if p.exists():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -144,7 +144,8 @@ class OrtDecoder:
         logits, _ = self.step(ids, self.empty_cache(ids.shape[0]))
         return CausalLMOutput(logits=torch.from_numpy(logits))
 
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, eos_token_id: int | None = None) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
+                 eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding: the prompt once, then one token per step against the cache."""
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
         logits, past = self.step(ids, self.empty_cache(ids.shape[0]))

@@ -14,8 +14,8 @@ from onnxscript import FLOAT
 from onnxscript import opset18 as op
 from torch import nn
 
-
-_UINT8_128 = onnx.helper.make_tensor("zero_point_128", onnx.TensorProto.UINT8, [], [128])
+UINT8_128 = onnx.helper.make_tensor("zero_point_128", onnx.TensorProto.UINT8, [], [128])
+_INT32_128 = onnx.helper.make_tensor("int32_128", onnx.TensorProto.INT32, [], [128])
 _TINY = 1.1754944e-38  # smallest normal float32
 
 
@@ -52,10 +52,20 @@ def _(x, weight_t, weight_scale, bias):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
 
 
+def as_uint8(weight_int8):
+    """int8 codes as uint8 with zero point 128 (folded into the initializer when the session loads).
+
+    ONNX Runtime's u8 x s8 kernels on AVX2 CPUs without VNNI sum pairs of products in int16
+    with saturation (``vpmaddubsw``), which corrupts results at full 8-bit range; its u8 x u8
+    kernels widen to int16 first and are exact on every CPU.
+    """
+    return op.Cast(op.Add(op.Cast(weight_int8, to=6), op.Constant(value=_INT32_128)), to=2)  # 6: INT32, 2: UINT8
+
+
 def dynamic_int8_linear_onnx(x: FLOAT, weight_t, weight_scale: FLOAT, bias: FLOAT) -> FLOAT:
     """Standard ONNX operators; ONNX Runtime fuses them into an integer matmul kernel."""
     xq, x_scale, x_zero_point = op.DynamicQuantizeLinear(x)
-    acc = op.MatMulInteger(xq, weight_t, x_zero_point)
+    acc = op.MatMulInteger(xq, as_uint8(weight_t), x_zero_point, op.Constant(value=UINT8_128))
     return op.Add(op.Mul(op.Cast(acc, to=1), op.Mul(x_scale, weight_scale)), bias)
 
 
@@ -69,7 +79,8 @@ def dynamic_int8_linear_per_token_onnx(x: FLOAT, weight_t, weight_scale: FLOAT, 
     absmax = op.ReduceMax(op.Abs(x), op.Constant(value_ints=[-1]), keepdims=1)
     scale = op.Max(op.Div(absmax, op.Constant(value_float=127.0)), op.Constant(value_float=_TINY))
     codes = op.Add(op.Round(op.Div(x, scale)), op.Constant(value_float=128.0))
-    acc = op.MatMulInteger(op.Cast(codes, to=2), weight_t, op.Constant(value=_UINT8_128))  # to=2: UINT8
+    acc = op.MatMulInteger(op.Cast(codes, to=2), as_uint8(weight_t), op.Constant(value=UINT8_128),
+                           op.Constant(value=UINT8_128))  # to=2: UINT8
     # weight scale first: ONNX Runtime fuses MatMulInteger -> Cast -> Mul(a_scale * b_scale) into
     # MatMulIntegerToFloat, whose a_scale cannot be per row; this order keeps the fusion off
     y = op.Mul(op.Mul(op.Cast(acc, to=1), weight_scale), scale)
@@ -98,7 +109,7 @@ class DynamicInt8Linear(nn.Module):
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, per_token: bool = True) -> "DynamicInt8Linear":
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, per_token: bool = True) -> DynamicInt8Linear:
         """``weight`` is (out_features, in_features), as in ``nn.Linear``."""
         q, scale = quantize_per_channel_int8(weight)
         has_bias = bias is not None

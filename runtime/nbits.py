@@ -10,13 +10,12 @@ from __future__ import annotations
 import onnx
 import onnxscript
 import torch
+from onnx.defs import OpSchema
 from onnxscript import FLOAT, INT64
 from onnxscript import opset18 as op
-from onnx.defs import OpSchema
 from torch import nn
 
 from presso.runtime.quant import QuantizedWeight, WeightFormat, pack_codes, quantize_weight, scale_codes, unpack_codes
-
 
 
 def _matmul_nbits_schema() -> OpSchema:
@@ -187,12 +186,13 @@ class WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     @classmethod
-    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat) -> "WeightOnlyLinear":
+    def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat) -> WeightOnlyLinear:
         return cls(PackedWeight(quantize_weight(weight, fmt)), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight_q
-        y = matmul_nbits(x, w.packed, w.group_scales(), w.zeros, w.in_features, w.out_features, w.fmt.bits, w.block_size)
+        y = matmul_nbits(x, w.packed, w.group_scales(), w.zeros, w.in_features, w.out_features, w.fmt.bits,
+                         w.block_size)
         return y if self.bias is None else y + self.bias
 
     def logical_params(self) -> int:

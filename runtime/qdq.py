@@ -14,7 +14,7 @@ from onnxscript import FLOAT
 from onnxscript import opset18 as op
 from torch import nn
 
-from presso.runtime.int8 import quantize_per_channel_int8
+from presso.runtime.int8 import UINT8_128, as_uint8, quantize_per_channel_int8
 
 
 @torch.library.custom_op("presso::quantize_dequantize", mutates_args=())
@@ -49,7 +49,10 @@ def quantize_dequantize_onnx(x: FLOAT, scale: FLOAT, zero_point) -> FLOAT:
 
 
 def dequantize_per_channel_onnx(q, scale: FLOAT, axis: int = 0) -> FLOAT:
-    return op.DequantizeLinear(q, scale, axis=axis)
+    """int8 weight codes shifted to uint8 with zero point 128: ONNX Runtime then fuses the
+    Q/DQ matmul into its u8 x u8 kernels, exact on every CPU (see ``int8.as_uint8``)."""
+    zero_point = op.Expand(op.Constant(value=UINT8_128), op.Shape(scale))
+    return op.DequantizeLinear(as_uint8(q), scale, zero_point, axis=axis)
 
 
 class ActivationQuant(nn.Module):
@@ -66,7 +69,8 @@ class ActivationQuant(nn.Module):
         return quantize_dequantize(x, self.scale, self.zero_point)
 
     def extra_repr(self) -> str:
-        return f"scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}, {'int8' if self.symmetric else 'uint8'}"
+        kind = "int8" if self.symmetric else "uint8"
+        return f"scale={self.scale.item():.4g}, zero_point={self.zero_point.item()}, {kind}"
 
 
 class StaticInt8Linear(nn.Module):

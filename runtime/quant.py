@@ -63,7 +63,7 @@ def scale_codes(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Each scale is held to 0.4% of its row's largest; on disk a scale costs 1 byte instead of
     2. The weight error grows little (under 2% in the tests), but on SmolLM2 perplexity rose
-    by about 1 point (docs/benchmarks.md, run 4), so float16 stays the default.
+    by about 1 point in one of two measurements, so float16 stays the default.
     Rounding twice gives the same codes: the largest scale maps to exactly +-127.
     """
     peak = scale.float().abs().amax(dim=-1, keepdim=True)

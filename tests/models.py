@@ -31,6 +31,15 @@ def _hf(name: str) -> nn.Module:
         cfg = tf.Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, bos_token_id=1, eos_token_id=2, **common)
         return tf.Qwen2ForCausalLM(cfg)
+    if name == "phi3":  # fused qkv_proj and gate_up_proj
+        cfg = tf.Phi3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0, **common)
+        return tf.Phi3ForCausalLM(cfg)
+    if name == "falcon":  # fused query_key_value, multi-query attention, parallel attention and MLP
+        cfg = tf.FalconConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              multi_query=True, new_decoder_architecture=False, parallel_attn=True, bias=False,
+                              alibi=False, bos_token_id=1, eos_token_id=2)
+        return tf.FalconForCausalLM(cfg)
     raise KeyError(name)
 
 
@@ -205,13 +214,14 @@ class TinyMLP(nn.Module):
 
 
 HF_MODELS = ["llama", "gpt2", "bert", "opt", "qwen2"]
+FUSED_MODELS = ["phi3", "falcon"]  # families with fused projections, held out of the main matrix
 LOCAL_MODELS = ["cnn", "vit", "mlp", "zoo"]
 
 
 def build(name: str) -> tuple[nn.Module, object]:
     """A model and example inputs for it."""
     torch.manual_seed(0)
-    if name in HF_MODELS:
+    if name in HF_MODELS + FUSED_MODELS:
         model = _hf(name).eval()
         ids = torch.randint(3, VOCAB, (2, 12))
         if name == "bert":
@@ -230,7 +240,7 @@ def build(name: str) -> tuple[nn.Module, object]:
 
 def other_inputs(name: str, example) -> object:
     """Inputs of a different batch/sequence size, to check dynamic shapes."""
-    if name in HF_MODELS:
+    if name in HF_MODELS + FUSED_MODELS:
         ids = torch.randint(3, VOCAB, (3, 7))
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids)} if name == "bert" else ids
     if name in ("cnn", "vit", "zoo"):

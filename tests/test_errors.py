@@ -3,13 +3,12 @@ import os
 
 import pytest
 import torch
+from models import build
 from torch import nn
 
 import presso
 from presso import ConfigError, ExportError, PassError, TraceError
 from presso.testing import assert_unchanged, snapshot
-
-from models import build
 
 
 class DataDependent(nn.Module):

@@ -94,7 +94,8 @@ def _dot_pair(part, x_lo, x_hi, words, j: tl.constexpr, scale, ONE_SCALE: tl.con
     return tl.dot(x_hi, hi, tl.dot(x_lo, lo, part))
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, WORDS, stride_xm, stride_om,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,

@@ -20,7 +20,7 @@ starts while the kernel before it still runs and loads its first weight tiles, w
 earlier kernel writes, before ``griddepcontrol.wait``; the activations and the output are
 touched only after it. The split-K output is zeroed by a small kernel of the same kind
 instead of a memset, so that the two can overlap. A batch-1 call is a few microseconds, of
-which the fixed cost of one launch after another is a large part (docs/benchmarks.md).
+which the fixed cost of one launch after another is a large part.
 """
 from __future__ import annotations
 
@@ -229,7 +229,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     if config is not None and config.get("DEQUANT") == 2 and (bits != 4 or zeros_t is not None):
         raise ValueError("DEQUANT=2 (half-precision pairs) is for symmetric int4 only")
     if config is not None and (n_words // blocks) % config["TILE_W"]:
-        raise ValueError(f"TILE_W={config['TILE_W']} must divide the {n_words // blocks} words of one quantization block")
+        raise ValueError(f"TILE_W={config['TILE_W']} must divide the {n_words // blocks} words "
+                         "of one quantization block")
     pdl = uses_pdl(x.device)
     if config is not None and config.get("SPLIT_K", 1) > 1:
         _zero(out, pdl)

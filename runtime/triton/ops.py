@@ -6,17 +6,15 @@ at every linear, and the elementwise work between them (norms, rotary, SiLU) can
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from presso.runtime.triton import w8a8, weight_only
 
 
 @torch.library.custom_op("presso::weight_only_linear", mutates_args=())
-def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
-                       k: int, bits: int, bias: Optional[torch.Tensor], words: Optional[torch.Tensor],
-                       scales_t: Optional[torch.Tensor], zeros_t: Optional[torch.Tensor]) -> torch.Tensor:
+def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
+                       k: int, bits: int, bias: torch.Tensor | None, words: torch.Tensor | None,
+                       scales_t: torch.Tensor | None, zeros_t: torch.Tensor | None) -> torch.Tensor:
     packed_words = None if words is None else (words, scales_t, zeros_t)
     return weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits, bias, words=packed_words)
 
@@ -28,7 +26,7 @@ def _(x, codes, scales, zeros, k, bits, bias, words, scales_t, zeros_t):
 
 @torch.library.custom_op("presso::w8a8_linear", mutates_args=())
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+                bias: torch.Tensor | None) -> torch.Tensor:
     return w8a8.w8a8_matmul(x, weight, weight_scale, bias)
 
 

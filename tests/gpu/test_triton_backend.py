@@ -1,11 +1,10 @@
 """backend="triton": a clear error without CUDA; on a GPU, quantized linears run through the kernels."""
 import pytest
 import torch
+from models import build
 
 import presso
 from presso.errors import ConfigError
-
-from models import build
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")

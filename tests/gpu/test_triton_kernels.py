@@ -135,7 +135,8 @@ def test_word_gemm_matches_reference(n, k, bits, group, symmetric):
         assert rel(got, ref) < TOLERANCE
     if pairs == (0,):
         with pytest.raises(ValueError, match="symmetric int4"):
-            gemm_words.gemm_words(x, *words, k, bits, config=dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=1, PAIRS=1))
+            config = dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=1, PAIRS=1)
+            gemm_words.gemm_words(x, *words, k, bits, config=config)
 
 
 @pytest.mark.parametrize("n, k", SHAPES)

@@ -1,12 +1,11 @@
 """Every traced architecture: compile with no pass, export, run in ONNX Runtime, compare."""
 import pytest
 import torch
+from models import HF_MODELS, LOCAL_MODELS, build, other_inputs
 
 import presso
 from presso.numerics import max_abs_error
 from presso.testing import assert_unchanged, call, snapshot
-
-from models import HF_MODELS, LOCAL_MODELS, build, other_inputs
 
 TOL = 1e-4  # max abs error, float32 eager vs ONNX Runtime
 

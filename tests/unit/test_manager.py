@@ -40,6 +40,46 @@ def test_invalidated_fact_is_missing_again():
     assert [x.name for x in order_passes([p, user, breaker], set())] == ["p", "user", "breaker"]
 
 
+def test_conflicting_fact_is_refused_before_any_pass_runs_with_the_way_out():
+    quantizer = make("quantizer", provides={"quantized"})
+    rotate = type("rotate", (Pass,), {"name": "rotate", "conflicts": {"quantized": "run rotate first"},
+                                      "run": lambda self, g, c: PassResult(g, False)})()
+    with pytest.raises(PassError, match="'rotate' cannot run after 'quantizer'.*'quantized'") as info:
+        order_passes([quantizer, rotate], set())
+    assert info.value.hint == "run rotate first"
+    assert [x.name for x in order_passes([rotate, quantizer], set())] == ["rotate", "quantizer"]
+
+
+def test_builtin_ordering_rules_are_data():
+    rotate, quantize = presso.make_pass("rotate_residual"), presso.make_pass("quantize_dynamic_int8")
+    with pytest.raises(PassError, match="'rotate_residual' cannot run after 'quantize_dynamic_int8'"):
+        order_passes([quantize, rotate], set())
+    split = presso.make_pass("split_low_rank", ratio=0.2, method="svd")
+    prune = presso.make_pass("prune_structured", ratio=0.2)
+    with pytest.raises(PassError, match="'prune_structured' cannot run after 'split_low_rank'.*shared_factor"):
+        order_passes([split, prune], set())
+    unshared = presso.make_pass("split_low_rank", ratio=0.2, method="svd", share_inputs=False)
+    assert [x.name for x in order_passes([unshared, prune], set())] == ["split_low_rank", "prune_structured"]
+
+
+def test_each_pass_states_its_drift_from_its_options_and_a_user_can_override_it():
+    assert presso.make_pass("quantize_weights", bits=4).tolerance > presso.make_pass("quantize_weights", bits=8,
+                                                                                        group_size=-1).tolerance
+    assert presso.make_pass("prune_structured", ratio=0.5).tolerance > presso.make_pass("prune_structured",
+                                                                                        ratio=0.1).tolerance
+    assert presso.make_pass("quantize_weights", tolerance=0.02).tolerance == 0.02
+    assert presso.make_pass("smooth_quant").tolerance == 1e-4  # function-preserving: exact
+    with pytest.raises(presso.ConfigError, match="tolerance"):
+        presso.make_pass("quantize_weights", tolerance=0.0)
+
+
+def test_a_tighter_tolerance_than_the_drift_is_a_pass_error_naming_the_option():
+    net, x = Net(), torch.randn(8, 4)
+    with pytest.raises(PassError, match="above its tolerance 1e-06") as info:
+        presso.compile(net, [presso.make_pass("quantize_dynamic_int8", tolerance=1e-6)], example_inputs=x)
+    assert "quantize_dynamic_int8(tolerance=...)" in info.value.hint
+
+
 class Net(nn.Module):
     def __init__(self):
         super().__init__()
@@ -79,7 +119,8 @@ def test_nan_guard_names_pass_and_previous():
 
 def test_failure_names_pass_and_passes_before():
     net, x = Net(), torch.randn(2, 4)
-    with pytest.raises(PassError, match=r"pass 'boom' failed with RuntimeError: kaput \(passes before it: scale_weights\)"):
+    message = r"pass 'boom' failed with RuntimeError: kaput \(passes before it: scale_weights\)"
+    with pytest.raises(PassError, match=message):
         presso.compile(net, [Scale(factor=1.0), Boom()], example_inputs=x)
 
 

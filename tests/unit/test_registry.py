@@ -2,6 +2,7 @@ import textwrap
 import types
 
 import pytest
+from models import build
 
 import presso
 from presso import Pass, PassResult, PluginError
@@ -21,7 +22,15 @@ def plugin_with(*passes):
         for p in passes:
             registrar.add_pass(p)
 
-    return types.SimpleNamespace(presso_register_passes=presso_register_passes)
+    return plugin_module(presso_register_passes)
+
+
+def plugin_module(*hooks) -> types.ModuleType:
+    """A plugin as third parties ship one: a module holding hook implementations."""
+    module = types.ModuleType("a_plugin")
+    for hook in hooks:
+        setattr(module, hook.__name__, hook)
+    return module
 
 
 def test_builtins_come_through_the_hook(fresh_registry):
@@ -53,7 +62,7 @@ def test_hook_that_raises_is_reported_and_skipped(fresh_registry):
         raise RuntimeError("cannot register")
 
     with pytest.warns(RuntimeWarning, match="'broken' was skipped: presso_register_passes raised RuntimeError"):
-        registry = fresh_registry({"broken": types.SimpleNamespace(presso_register_passes=presso_register_passes)})
+        registry = fresh_registry({"broken": plugin_module(presso_register_passes)})
     assert [f.plugin for f in registry.failures] == ["broken"]
     assert "quantize_dynamic_int8" in registry.passes
 
@@ -80,3 +89,20 @@ def test_entry_point_that_fails_to_import_is_reported(fresh_registry, tmp_path, 
         registry = fresh_registry()
     assert registry.failures and "libfoo" in registry.failures[0].error
     assert "quantize_dynamic_int8" in registry.passes
+
+
+def test_a_plugin_adapter_is_asked_before_the_builtin_ones(fresh_registry):
+    from presso.passes.common.adapters import adapter_for
+    from presso.passes.common.adapters.llama import LlamaAdapter
+
+    class MyLlama(LlamaAdapter):
+        name = "my_llama"
+
+    @hookimpl
+    def presso_register_adapters(registrar):
+        registrar.add_adapter(MyLlama())
+
+    registry = fresh_registry({"acme": plugin_module(presso_register_adapters)})
+    assert [a.name for a in registry.adapters][:2] == ["my_llama", "llama"]
+    model, _ = build("llama")
+    assert adapter_for(model.model.layers[0].self_attn).name == "my_llama"

@@ -1,6 +1,5 @@
 """The module named by the ``presso`` entry point: hook implementations only."""
 from presso.plugins import hookimpl
-
 from presso_example_plugin.fold_batchnorm import FoldBatchNorm
 
 

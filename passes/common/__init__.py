@@ -1,0 +1,1 @@
+"""Machinery shared by every pass family: written once, called by each pass."""

@@ -1,0 +1,124 @@
+"""The block runner: a model walked one repeated block (decoder layer) at a time.
+
+Layer-by-layer calibration (GPTQ, AWQ, sequential whitening) keeps only one block's inputs
+and statistics in memory: the inputs of block ``i + 1`` are the outputs of block ``i`` after
+the pass rewrote it, so each block corrects for the errors of the blocks before it. A model
+without a stack of repeated blocks is treated as one block fed the calibration inputs.
+"""
+from __future__ import annotations
+
+import resource
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from presso.graph import Graph
+from presso.passes.common.capture import calls_of, inputs_of
+from presso.passes.common.modules import is_linear
+from presso.signature import Inputs
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted inputs are captured."""
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The longest ``ModuleList`` of same-type modules holding linears (decoder/encoder layers)."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, m in model.named_modules():
+        if (isinstance(m, nn.ModuleList) and len(m) >= 2 and len({type(c) for c in m}) == 1
+                and any(is_linear(x) for x in m[0].modules()) and (best is None or len(m) > len(best[1]))):
+            best = (name, m)
+    return [(f"{best[0]}.{i}", b) for i, b in enumerate(best[1])] if best else []
+
+
+@dataclass
+class Call:
+    """One recorded call of a block: positional and keyword arguments."""
+
+    args: tuple
+    kwargs: dict
+
+    def with_hidden(self, hidden: torch.Tensor) -> Call:
+        return Call((hidden, *self.args[1:]), self.kwargs)
+
+
+@torch.no_grad()
+def capture_calls(graph: Graph, block: nn.Module, batches: list[Inputs]) -> list[Call]:
+    """The arguments ``block`` receives for each calibration batch (the model stops there)."""
+    calls: list[Call] = []
+
+    def record(args, kwargs):
+        calls.append(Call(args, kwargs))
+        raise _Stop
+
+    with calls_of(block, record):
+        for inputs in batches:
+            try:
+                graph.run(inputs)
+            except _Stop:
+                pass
+    return calls
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, call: Call) -> torch.Tensor:
+    out = block(*call.args, **call.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class BlockStep:
+    """One block of the walk: rewrite ``block`` in place; ``calls`` are its calibration inputs."""
+
+    path: str
+    block: nn.Module
+    calls: list[Call]
+
+    def run(self, each: Callable[[], None] | None = None) -> None:
+        """Feed every calibration call through the block (``each()`` before each one)."""
+        for call in self.calls:
+            if each:
+                each()
+            run_block(self.block, call)
+
+
+def walk_blocks(graph: Graph, batches: list[Inputs]) -> Iterator[BlockStep]:
+    """The repeated blocks in order, each with the inputs the blocks before it produce *as the
+    caller left them*: the next block's inputs are computed after the caller's loop body ran.
+    Stop early with ``break``; the later blocks are then never run."""
+    blocks = find_blocks(graph.module)
+    calls = capture_calls(graph, blocks[0][1], batches) if blocks else []
+    for path, block in blocks:
+        yield BlockStep(path, block, calls)
+        calls = [c.with_hidden(run_block(block, c)) for c in calls]
+
+
+@torch.no_grad()
+def group_by_input(modules: dict[str, nn.Module], forward: Callable[[], object]) -> list[list[str]]:
+    """``modules`` (by path) grouped by the tensor they read in one ``forward()``, groups in
+    the order they first run; a module that did not run is a group of its own, at the end."""
+    groups: dict[tuple, list[str]] = {}
+    alive = []  # inputs held until the end, so that no later tensor reuses an address
+
+    def record(path, x):
+        alive.append(x)
+        if not any(path in g for g in groups.values()):
+            groups.setdefault((x.data_ptr(), tuple(x.shape)), []).append(path)
+
+    with inputs_of(modules, record):
+        forward()
+    seen = [p for g in groups.values() for p in g]
+    return list(groups.values()) + [[p] for p in modules if p not in seen]
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def call_bytes(calls: list[Call]) -> int:
+    return sum(t.numel() * t.element_size() for c in calls for t in (*c.args, *c.kwargs.values())
+               if isinstance(t, torch.Tensor))

@@ -1,0 +1,1 @@
+"""Attention head sharing: multi-head to grouped-query or multi-query attention."""

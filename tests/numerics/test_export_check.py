@@ -1,0 +1,58 @@
+"""The exported file is checked against the compiled model: a wrong lowering never ships."""
+import json
+
+import pytest
+import torch
+from models import build
+from onnxscript import opset18 as op
+
+import presso
+from presso.errors import ExportError
+from presso.plugins.registry import get_registry
+from presso.runtime import int8  # noqa: F401 - defines the custom ops
+
+PER_TOKEN = torch.ops.presso.dynamic_int8_linear_per_token.default
+
+
+def _doubled(x, weight_t, weight_scale, bias=None):
+    """A lowering off by a factor of two: every output twice what the torch op computes."""
+    from presso.runtime.int8 import dynamic_int8_linear_per_token_onnx
+
+    return op.Mul(dynamic_int8_linear_per_token_onnx(x, weight_t, weight_scale, bias), op.Constant(value_float=2.0))
+
+
+@pytest.fixture
+def broken_lowering(monkeypatch):
+    monkeypatch.setitem(get_registry().onnx_lowerings, PER_TOKEN, _doubled)
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama"])  # a plain graph, and a causal LM with a KV cache
+def test_a_wrong_lowering_is_an_export_error_and_nothing_is_written(name, tmp_path, broken_lowering):
+    model, example = build(name)
+    compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=example)  # torch backend
+    target = tmp_path / "nested" / "out"
+    with pytest.raises(ExportError, match="exported ONNX file disagrees with the compiled model"):
+        compiled.export(target)
+    assert not (tmp_path / "nested").exists()
+
+
+def test_a_wrong_lowering_keeps_an_earlier_artifact(tmp_path, monkeypatch):
+    model, example = build("mlp")
+    compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=example)
+    path = compiled.export(tmp_path / "out")
+    before = {f.name: f.read_bytes() for f in path.parent.iterdir()}
+    monkeypatch.setitem(get_registry().onnx_lowerings, PER_TOKEN, _doubled)
+    with pytest.raises(ExportError):
+        compiled.export(tmp_path / "out")
+    assert {f.name: f.read_bytes() for f in path.parent.iterdir()} == before
+
+
+@pytest.mark.parametrize("name", ["mlp", "llama"])
+def test_the_check_is_in_the_report_and_the_manifest(name, tmp_path):
+    model, example = build(name)
+    compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=example)
+    path = compiled.export(tmp_path / "out")
+    check = json.loads((path.parent / "manifest.json").read_text())["export_check"]
+    assert check["rel_error"] < 1e-4 < check["tolerance"]
+    assert check["checked_on"] == (["prefill", "decode step"] if name == "llama" else ["example inputs"])
+    assert "exported ONNX file vs the compiled model" in compiled.report.to_markdown()

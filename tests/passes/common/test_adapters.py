@@ -1,0 +1,46 @@
+"""Model-family adapters: every family's attention read right, pruning through them on fused layouts."""
+import pytest
+import torch
+from models import build
+
+import presso
+from presso.passes.common.adapters import AdapterError, attentions
+
+# family -> (query heads, kv heads, fused q/k/v projection) of the tiny models
+EXPECTED = {"llama": (4, 2, False), "qwen2": (4, 2, False), "gpt2": (4, 4, True), "opt": (4, 4, False),
+            "bert": (4, 4, False), "phi3": (4, 2, True), "falcon": (4, 1, True)}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_each_family_is_read_by_its_adapter(name):
+    model, _ = build(name)
+    found = attentions(model)
+    heads, kv_heads, fused = EXPECTED[name]
+    assert len(found) == 2 and {a.adapter.name for a in found} == {"llama" if name == "qwen2" else name}
+    assert all((a.heads, a.kv_heads, a.fused) == (heads, kv_heads, fused) for a in found)
+
+
+def test_an_attention_no_adapter_knows_is_named_with_the_hook():
+    model, _ = build("vit")  # torch's nn.MultiheadAttention
+    with pytest.raises(AdapterError, match="no model-family adapter knows MultiheadAttention in TinyViT") as info:
+        attentions(model)
+    assert "presso_register_adapters" in info.value.hint
+    assert attentions(model, required=False) == []
+
+
+@pytest.mark.parametrize("name", ["phi3", "falcon"])
+@pytest.mark.parametrize("target", [("mlp",), ("heads",)])
+def test_fused_projections_prune_and_match_in_onnx_runtime(name, target):
+    model, example = build(name)
+    p = presso.make_pass("prune_structured", ratio=0.5, target=target)
+    compiled = presso.compile(model, [p], example_inputs=example, backend="onnxruntime")
+    assert compiled.report["params_after"] < compiled.report["params_before"]
+    assert compiled.report["backend_rel_error"] < 1e-4
+    found = attentions(compiled.module)
+    if target == ("heads",):
+        assert all(a.heads == 2 for a in found)
+        config = compiled.module.config
+        if name == "phi3":  # its forward reads the head count from the shared config
+            assert config.num_attention_heads == 2
+    with torch.no_grad():  # and the rewritten model keeps running at other shapes
+        compiled.module(torch.randint(3, 90, (3, 7)))
