@@ -1,4 +1,5 @@
 import importlib.util
+import re
 import subprocess
 import sys
 
@@ -29,3 +30,10 @@ def test_demo_compiles_the_embedded_model_and_answers(tmp_path):
     assert "presso report: LlamaForCausalLM" in done.stdout and "perplexity: float32 eager" in done.stdout
     assert "Paris" in done.stdout  # the int8 model's greedy answer to the demo question
     assert (tmp_path / "demo" / "model.onnx").exists() and (tmp_path / "demo" / "tokenizer.json").exists()
+    # int8 keeps the tied lm_head shared: as many parameters as before, under half the bytes
+    params = re.search(r"\| parameters \| ([\d,]+) \| ([\d,]+) \|", done.stdout).groups()
+    assert params[0] == params[1] and "kept_tied=['lm_head']" in done.stdout
+    ratio = float(re.search(r"\| bytes \(weights in memory\) \| [\d,]+ \| [\d,]+ \| ([\d.]+) \|", done.stdout)[1])
+    assert ratio < 0.5
+    fp32, int8 = map(float, re.search(r"float32 eager ([\d.]+) -> int8 ONNX Runtime ([\d.]+)", done.stdout).groups())
+    assert int8 / fp32 - 1 < 0.1  # one window of 256 tokens; docs/results.md has the 64-window protocol

@@ -51,31 +51,18 @@ def test_decode_step_reads_the_cache_instead_of_the_prompt(exported):
     assert np.abs(full[:, -1] - logits_step[:, 0]).max() < 1e-3
 
 
-def test_dynamic_int8_keeps_perplexity(smollm2):
-    model, tokenizer = smollm2
-    compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=torch.randint(3, 1000, (1, 16)))
-    fp32 = ev.perplexity(model, tokenizer, windows=WINDOWS, progress=False)
-    int8 = ev.perplexity(compiled, tokenizer, windows=WINDOWS, progress=False)
-    assert int8 / fp32 - 1 < 0.08  # measured +4.3% on 8 windows; docs/results.md has 64
-    stats = compiled.report["passes"][0]["stats"]
-    assert stats["kept_tied"] == ["lm_head"] and stats["untied"] == []  # the tied lm_head stays shared
-    assert compiled.report["params_after"] == compiled.report["params_before"]
-    assert compiled.report["bytes_after"] < 0.5 * compiled.report["bytes_before"]
-
-
 def test_int4_gptq_with_packed_embeddings_is_small_and_runs_in_ort(smollm2, tmp_path):
     model, tokenizer = smollm2
-    calibration = ev.calibration_batches(tokenizer, n=8, seq_len=128, batch_size=4)
+    calibration = ev.calibration_batches(tokenizer, n=4, seq_len=128, batch_size=4)
     p = presso.make_pass("quantize_weights", bits=4, group_size=64, method="gptq", embeddings="int8",
                          refit=1)  # one refit round keeps the suite fast; benchmarks use the default 2
     compiled = presso.compile(model, [p], example_inputs=torch.randint(3, 1000, (1, 16)), calibration=calibration)
     path = compiled.export(tmp_path / "int4", tokenizer=tokenizer)
     fp32_bytes = sum(t.numel() * 4 for t in model.state_dict().values()) - model.lm_head.weight.numel() * 4  # tied
     assert compiled.report["bytes_on_disk"] < 0.2 * fp32_bytes
-    loaded = presso.runtime.load(path)
-    torch_ppl = ev.perplexity(compiled, tokenizer, windows=WINDOWS, progress=False)
-    assert abs(ev.perplexity(loaded, tokenizer, windows=WINDOWS, progress=False) / torch_ppl - 1) < 0.005
+    assert compiled.report["export_check"]["checked_on"] == ["prefill", "decode step"]  # the file, against torch
+    ort_ppl = ev.perplexity(presso.runtime.load(path), tokenizer, windows=WINDOWS, progress=False)
     fp32 = ev.perplexity(model, tokenizer, windows=WINDOWS, progress=False)
-    assert torch_ppl / fp32 - 1 < 0.35  # int4 g64 with 8 short calibration windows; 64-window results in docs
+    assert ort_ppl / fp32 - 1 < 0.35  # int4 g64 with 4 short calibration windows; 64-window results in docs
     stats = compiled.report["passes"][0]["stats"]
     assert stats["embeddings"]["tied_linears"] == ["lm_head"] and stats["calibration_memory"]["hessian_bytes"] > 0

@@ -56,3 +56,17 @@ def test_the_check_is_in_the_report_and_the_manifest(name, tmp_path):
     assert check["rel_error"] < 1e-4 < check["tolerance"]
     assert check["checked_on"] == (["prefill", "decode step"] if name == "llama" else ["example inputs"])
     assert "exported ONNX file vs the compiled model" in compiled.report.to_markdown()
+
+
+def test_a_quantized_model_has_a_noise_floor_far_above_a_float_one():
+    from presso.numerics import perturbed, rel_error
+
+    model, example = build("llama")
+    floors = {}
+    for passes in ([], ["quantize_dynamic_int8"]):
+        graph = presso.compile(model, passes, example_inputs=example).graph
+        base = graph.run()
+        with perturbed(graph.called_modules().values()):
+            floors[bool(passes)] = rel_error(graph.run(), base)
+        assert rel_error(graph.run(), base) == 0.0  # the noise is gone after the block
+    assert floors[False] < 1e-5 < floors[True]  # rounding decisions flip under 1e-6 of noise

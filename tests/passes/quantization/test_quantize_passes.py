@@ -5,12 +5,11 @@ import torch
 from models import build, other_inputs, small_llama
 
 import presso
-from presso.numerics import rel_error
 from presso.passes.common.scale_groups import find_scale_groups
 from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyEmbedding, WeightOnlyLinear
 from presso.runtime.qdq import StaticInt8Conv2d, StaticInt8Linear
-from presso.testing import call, check_pass
+from presso.testing import check_pass
 
 ALL = ["llama", "gpt2", "bert", "opt", "qwen2", "cnn", "vit", "mlp"]
 
@@ -79,7 +78,7 @@ def test_int4_exports_matmulnbits_and_shrinks_on_disk(symmetric, tmp_path):
     model = small_llama()
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
     ids = torch.randint(3, 2048, (1, 16))
-    float_path = presso.compile(model, [], example_inputs=ids).export(tmp_path / "f", kv_cache=False)
+    float_bytes = sum(p.numel() * 4 for p in model.parameters())  # tied: counted once
     p = presso.make_pass("quantize_weights", bits=4, group_size=64, symmetric=symmetric, embeddings="int4")
     compiled = presso.compile(model, [p], example_inputs=ids)
     path = compiled.export(tmp_path / "q", kv_cache=False)
@@ -88,17 +87,16 @@ def test_int4_exports_matmulnbits_and_shrinks_on_disk(symmetric, tmp_path):
     graph = onnx.load(str(path)).graph
     weights = {i.name for i in graph.initializer}
     assert {i.data_type for i in graph.initializer if "scales" in i.name} == {onnx.TensorProto.FLOAT16}
-    int8_scales = presso.make_pass("quantize_weights", bits=4, group_size=64, symmetric=symmetric,
-                                   embeddings="int4", scales="int8")
-    smaller = presso.compile(model, [int8_scales], example_inputs=ids, backend="onnxruntime")
-    assert smaller.report["backend_rel_error"] < 1e-4  # ONNX Runtime decodes the int8 scale codes alike
-    assert smaller.export(tmp_path / "s", kv_cache=False).stat().st_size < path.stat().st_size
+    if symmetric:  # int8 scale codes: one more compile and export, once
+        int8_scales = presso.make_pass("quantize_weights", bits=4, group_size=64, embeddings="int4", scales="int8")
+        smaller = presso.compile(model, [int8_scales], example_inputs=ids)
+        assert smaller.export(tmp_path / "s", kv_cache=False).stat().st_size < path.stat().st_size
+        assert smaller.report["export_check"]["rel_error"] < 1e-4  # ONNX Runtime decodes the codes alike
     assert not any(n.op_type in ("MatMul", "Gemm") and set(n.input) & weights for n in graph.node)  # no float weight
     nbits = [n for n in graph.node if n.op_type == "MatMulNBits"]
     assert all((len(n.input) == 4) != symmetric for n in nbits)  # zero points only when asymmetric
-    assert path.stat().st_size < 0.2 * float_path.stat().st_size
-    loaded = presso.runtime.load(path)
-    assert rel_error(call(loaded, ids), call(compiled, ids)) < 1e-4
+    assert path.stat().st_size < 0.2 * float_bytes
+    assert compiled.report["export_check"]["rel_error"] < 1e-4  # the file, in ONNX Runtime, against torch
     assert isinstance(compiled.module.model.embed_tokens, WeightOnlyEmbedding)
     # tied: the embedding and lm_head read one packed table
     assert compiled.module.lm_head.weight_q is compiled.module.model.embed_tokens.weight_q
