@@ -38,27 +38,30 @@ FLOOR_FACTOR = 3.0
 
 @contextlib.contextmanager
 def perturbed(modules, relative: float = PERTURBATION, seed: int = 0):
-    """Inside the block, the first floating output of ``modules`` in each forward gets relative
-    noise of size ``relative``; call ``reset()`` on the yielded object between forwards.
+    """Inside the block, every floating output of ``modules`` gets relative noise of size
+    ``relative`` (the yielded object's ``reset()`` restarts the noise stream).
 
-    A model with quantized activations is discontinuous: such noise flips rounding decisions
-    and moves its outputs by what any second correct implementation would (4.9% on SmolLM2
-    with int8 activations, 1e-6 in float32), so comparing a backend against the noise floor
-    tells a wrong lowering from rounding.
+    Two correct implementations differ by rounding at every op, so the noise goes in at every
+    module, not only the first. A model with quantized activations is discontinuous: such
+    noise flips rounding decisions throughout it and moves its outputs by what any second
+    correct implementation would (several percent on SmolLM2 with int8 activations, 1e-6 in
+    float32), so comparing a backend against this noise floor tells a wrong lowering from
+    rounding.
     """
-    state = {"done": False}
-    generator = torch.Generator().manual_seed(seed)
+    state = {"generator": torch.Generator().manual_seed(seed)}
 
     def hook(_module, _args, out):
-        if state["done"] or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
             return None
-        state["done"] = True
-        noise = torch.randn(out.shape, generator=generator, dtype=torch.float32).to(out)
+        noise = torch.randn(out.shape, generator=state["generator"], dtype=torch.float32).to(out)
         return out * (1 + relative * noise)
+
+    def reset() -> None:
+        state["generator"] = torch.Generator().manual_seed(seed)
 
     handles = [m.register_forward_hook(hook) for m in modules]
     try:
-        yield type("Perturbation", (), {"reset": staticmethod(lambda: state.update(done=False))})
+        yield type("Perturbation", (), {"reset": staticmethod(reset)})
     finally:
         for h in handles:
             h.remove()
