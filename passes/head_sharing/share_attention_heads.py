@@ -6,9 +6,10 @@ outputs on calibration data are most alike; query heads are reordered to follow 
 head, which is function-preserving). Mechanism (``merge``): the merged key/value
 projection is the ``mean`` of the group's; ``lstsq`` then refits the output projection by
 least squares so the attention block reproduces the original block's output on calibration
-data. Supported attention modules: Llama-family (Llama, Qwen2, Mistral, SmolLM2), OPT, GPT-2
-(fused ``c_attn``) and BERT; their Hugging Face code repeats kv heads for attention when
-``num_key_value_groups`` > 1, so the cache keeps only the shared heads.
+data. The attention layouts come from the model-family adapters (Llama and kin, Phi-3,
+Falcon's multi-query layout, OPT, GPT-2's fused ``c_attn``, BERT); their Hugging Face code
+repeats kv heads for attention when ``num_key_value_groups`` > 1, so the cache keeps only the
+shared heads.
 """
 
 from __future__ import annotations

@@ -44,3 +44,12 @@ def test_fused_projections_prune_and_match_in_onnx_runtime(name, target):
             assert config.num_attention_heads == 2
     with torch.no_grad():  # and the rewritten model keeps running at other shapes
         compiled.module(torch.randint(3, 90, (3, 7)))
+
+
+def test_phi3s_fused_kv_heads_merge_and_match_in_onnx_runtime():
+    model, example = build("phi3")
+    compiled = presso.compile(model, [presso.make_pass("share_attention_heads", kv_heads=1)], example_inputs=example,
+                              backend="onnxruntime")
+    assert compiled.report["backend_rel_error"] < 1e-4
+    assert all((a.heads, a.kv_heads) == (4, 1) for a in attentions(compiled.module))
+    assert compiled.module.config.num_key_value_heads == 1
