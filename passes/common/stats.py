@@ -107,12 +107,14 @@ class SharedInputStats:
     def _record(self, path: str, x: torch.Tensor) -> None:
         key = (x.data_ptr(), tuple(x.shape))
         if path not in self.stats:
-            first = self._seen.get(key)
+            first = self._seen.get(key, (None, None))[0]
             self.stats[path] = self.stats[first] if first else InputStats()
             self._owner[path] = first or path
         if self._owner[path] == path:
             self.stats[path].add(rows(x))
-            self._seen[key] = path
+            # the tensor is held until the next batch: a freed input's address, reused by a later
+            # tensor of the same shape (gate/up's input after q/k/v's), must not look shared
+            self._seen[key] = (path, x)
 
 
 @dataclass

@@ -53,3 +53,22 @@ def test_phi3s_fused_kv_heads_merge_and_match_in_onnx_runtime():
     assert compiled.report["backend_rel_error"] < 1e-4
     assert all((a.heads, a.kv_heads) == (4, 1) for a in attentions(compiled.module))
     assert compiled.module.config.num_key_value_heads == 1
+
+
+def test_shared_input_statistics_are_shared_only_by_linears_reading_one_tensor():
+    from presso.passes.common.blocks import walk_blocks
+    from presso.passes.common.stats import SharedInputStats
+
+    model, example = build("llama")
+    graph = presso.compile(model, [], example_inputs=example).graph
+    from presso.signature import normalize_inputs
+
+    step = next(walk_blocks(graph, [normalize_inputs(example)] * 2))
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")
+    linears = {n: step.block.get_submodule(n) for n in names}
+    with SharedInputStats(linears) as collector:
+        step.run(collector.new_batch)
+    s = collector.stats
+    assert s["self_attn.q_proj"] is s["self_attn.k_proj"] and s["mlp.gate_proj"] is s["mlp.up_proj"]
+    # o_proj and the MLP read other tensors, whatever addresses the allocator reuses
+    assert len({id(s[n]) for n in names}) == 3
