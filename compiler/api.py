@@ -14,7 +14,15 @@ from presso.compiled import CompiledModel
 from presso.errors import ConfigError, ExportError, PressoError, TraceError
 from presso.graph import Graph, user_frame
 from presso.manager import PassManager
-from presso.numerics import FLOOR_FACTOR, allowed_error, max_abs_error, perturbed, rel_error
+from presso.numerics import (
+    FLOOR_FACTOR,
+    allowed_error,
+    float_dtype,
+    max_abs_error,
+    perturbed,
+    rel_error,
+    rounding_noise,
+)
 from presso.pass_api import Context, Pass
 from presso.plugins.registry import get_registry
 from presso.report import Report, count_bytes, count_params
@@ -147,7 +155,8 @@ def _report(model, graph: Graph, manager: PassManager, backend: str, before, run
         report["backend_rel_error"] = rel_error(run(*graph.example_inputs.tensors), final)
         report["backend_noise_floor"] = 0.0
         if report["backend_rel_error"] > BACKEND_TOLERANCE:  # only then is the noise floor worth a run
-            with perturbed(graph.called_modules().values()):
+            noise = rounding_noise(float_dtype(graph.module))  # a half-precision model rounds far more
+            with perturbed(graph.called_modules().values(), relative=noise):
                 report["backend_noise_floor"] = rel_error(graph.run(), final)
         report["backend_allowed"] = allowed_error(BACKEND_TOLERANCE, report["backend_noise_floor"])
     report["seconds"] = time.perf_counter() - start

@@ -11,8 +11,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from presso.errors import PassError, PressoError
-from presso.numerics import max_abs_error, non_finite, rel_error
+from presso.numerics import (
+    FLOOR_FACTOR,
+    allowed_error,
+    float_dtype,
+    max_abs_error,
+    non_finite,
+    perturbed,
+    rel_error,
+    rounding_noise,
+)
 from presso.pass_api import Context, Pass
 from presso.report import count_bytes, count_params
 
@@ -118,13 +129,25 @@ class PassManager:
             raise PassError(f"the model no longer runs after pass {p.name!r}: {type(exc).__name__}: {exc} "
                             f"(passes before it: {_names(before)})",
                             hint="the pass rewrote the model inconsistently; report it to its author") from exc
-        self._check(p, outs, prev, before)
+        self._check(p, outs, prev, before, graph)
         record = PassRecord(p.name, p.config.to_dict(), seconds, result.modified, result.stats,
                             rel_error(outs, prev), rel_error(outs, original), max_abs_error(outs, original),
                             count_params(graph.module), count_bytes(graph.module))
         return graph, outs, record
 
-    def _check(self, p: Pass, outs, prev, before: list[Pass]) -> None:
+    @staticmethod
+    def _half_precision_allowance(graph: Any, tol: float, outs) -> tuple[float, float]:
+        """A bf16/fp16 model rounds at every op, so even an exact rewrite moves its outputs: the
+        allowed error is also ``FLOOR_FACTOR`` times what rounding every module's output once
+        more in the model's dtype does (measured, only when the plain tolerance is exceeded)."""
+        dtype = float_dtype(graph.module)
+        if dtype in (torch.float32, torch.float64):
+            return tol, 0.0
+        with perturbed(graph.called_modules().values(), relative=rounding_noise(dtype)):
+            floor = rel_error(graph.run(), outs)
+        return allowed_error(tol, floor), floor
+
+    def _check(self, p: Pass, outs, prev, before: list[Pass], graph: Any) -> None:
         bad = non_finite(outs)
         if bad:
             raise PassError(f"pass {p.name!r} produced NaN/Inf in output(s) {bad} "
@@ -132,8 +155,12 @@ class PassManager:
                             hint="the pass options may be too aggressive for this model")
         tol = p.tolerance
         err = rel_error(outs, prev)
+        floor = 0.0
         if self.verify and err > tol:
+            tol, floor = self._half_precision_allowance(graph, tol, outs)
+        if self.verify and err > tol:
+            why = f"; {FLOOR_FACTOR:g}x the model's rounding floor {floor:.3g} in its dtype" if floor else ""
             raise PassError(f"pass {p.name!r} changed the outputs by relative error {err:.3g}, above its "
-                            f"tolerance {tol:.3g} (passes before it: {_names(before)})",
+                            f"tolerance {tol:.3g}{why} (passes before it: {_names(before)})",
                             hint=f"use gentler options or skip sensitive modules; {p.name}(tolerance=...) "
                                  "raises the bound, verify=False skips the check")

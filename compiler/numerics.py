@@ -67,6 +67,24 @@ def perturbed(modules, relative: float = PERTURBATION, seed: int = 0):
             h.remove()
 
 
+def float_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating dtype holding most of ``module``'s parameters (float32 when it has none)."""
+    sizes: dict[torch.dtype, int] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            sizes[t.dtype] = sizes.get(t.dtype, 0) + t.numel()
+    return max(sizes, key=sizes.get) if sizes else torch.float32
+
+
+def rounding_noise(dtype: torch.dtype) -> float:
+    """Relative size of rounding to ``dtype``: the standard deviation of a uniform error of half a
+    unit in the last place. In half precision an exact rewrite moves outputs by about this much at
+    every op; in float32 the backend noise ``PERTURBATION`` stands in."""
+    if dtype in (torch.float32, torch.float64):
+        return PERTURBATION
+    return torch.finfo(dtype).eps / (2 * 3 ** 0.5)
+
+
 def allowed_error(tolerance: float, floor: float) -> float:
     """The error a backend may show: ``tolerance``, or the noise floor times ``FLOOR_FACTOR``."""
     return max(tolerance, FLOOR_FACTOR * floor)

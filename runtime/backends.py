@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 
 from presso.graph import Graph
+from presso.numerics import float_dtype
 from presso.plugins.registry import get_registry
 from presso.runtime.onnx_export import write_onnx
 from presso.runtime.ort_model import OrtModel
+from presso.runtime.precision import LOWERED_DTYPE, lowering_graph
 
 Runner = Callable[..., tuple[torch.Tensor, ...]]
 
@@ -30,10 +32,18 @@ def lower_onnxruntime(graph: Graph) -> Runner:
     """Export to a private temporary ONNX file and run it in an ONNX Runtime session."""
     workdir = tempfile.TemporaryDirectory(prefix="presso-ort-")
     path = Path(workdir.name) / "model.onnx"
-    write_onnx(graph, path, get_registry().onnx_lowerings)
+    write_onnx(lowering_graph(graph), path, get_registry().onnx_lowerings)  # float32 for a half model
     model = OrtModel(path, graph.spec)
     model.workdir = workdir  # lives as long as the session that may read external data from it
-    return model.run_flat
+    dtype = float_dtype(graph.module)
+    if dtype == LOWERED_DTYPE:
+        return model.run_flat
+
+    def run(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:  # outputs in the model's own dtype
+        return tuple(t.to(dtype) if t.is_floating_point() else t for t in model.run_flat(*tensors))
+
+    run.model = model
+    return run
 
 
 def lower_triton(graph: Graph) -> Runner:

@@ -13,6 +13,7 @@ from presso.plugins.registry import get_registry
 from presso.runtime.artifact import MANIFEST, model_path, staged, write_json
 from presso.runtime.decoder import is_causal_lm, trace_decoder
 from presso.runtime.onnx_export import write_onnx, write_program
+from presso.runtime.precision import lowering_graph, precision_report
 from presso.runtime.verify import verify_file
 
 
@@ -22,9 +23,12 @@ def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv
 
     target = model_path(path)
     with staged(target.parent) as stage, tqdm(total=2, desc="export", leave=False) as bar:
-        extra = write_model(compiled.graph, stage / target.name, kv_cache)
-        # the file that ships, checked against the compiled model before anything is moved in
-        extra["export_check"] = verify_file(compiled.graph, stage / target.name, extra.get("decoder"))
+        lowered = lowering_graph(compiled.graph)  # float32 float parts for a half-precision model
+        extra = write_model(lowered, stage / target.name, kv_cache)
+        # the file that ships, checked against what it was traced from before anything is moved in
+        extra["export_check"] = verify_file(lowered, stage / target.name, extra.get("decoder"))
+        extra["precision"] = compiled.report["precision"] = precision_report(compiled.graph, lowered)
+        del lowered
         compiled.report["export_check"] = extra["export_check"]
         bar.update()
         if tokenizer is not None:

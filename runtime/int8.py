@@ -23,6 +23,7 @@ _TINY = 1.1754944e-38  # smallest normal float32
 def dynamic_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
     """``x @ dequant(weight_t) + bias`` with ``x`` quantized dynamically to uint8."""
+    dtype, x = x.dtype, x.float()
     lo = torch.clamp(x.min(), max=0.0)
     hi = torch.clamp(x.max(), min=0.0)
     scale = (hi - lo) / 255.0
@@ -31,7 +32,7 @@ def dynamic_int8_linear(x: torch.Tensor, weight_t: torch.Tensor, weight_scale: t
     xq = torch.clamp(torch.round(x / scale) + zero_point, 0, 255)
     # integer products below 2**24 per term; float64 accumulation is exact for these sizes
     acc = torch.matmul((xq - zero_point).double(), weight_t.double())
-    return (acc * (scale.double() * weight_scale.double())).to(x.dtype) + bias
+    return ((acc * (scale.double() * weight_scale.double())).float() + bias).to(dtype)
 
 
 @torch.library.custom_op("presso::dynamic_int8_linear_per_token", mutates_args=())
@@ -39,17 +40,28 @@ def dynamic_int8_linear_per_token(x: torch.Tensor, weight_t: torch.Tensor, weigh
                                   bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ dequant(weight_t) + bias`` with each row of ``x`` quantized to int8 by its own scale."""
     # |x / scale| <= 127 by construction; the floor keeps an all-zero row at zero
+    dtype, x = x.dtype, x.float()
     scale = torch.clamp(x.abs().amax(dim=-1, keepdim=True) / 127.0, min=_TINY)
     xq = torch.round(x / scale)
     acc = torch.matmul(xq.double(), weight_t.double())  # exact: |products| < 2**14, sums < 2**53
     y = (acc.float() * weight_scale) * scale  # float32, in the ONNX lowering's order
-    return y if bias is None else y + bias
+    return (y if bias is None else y + bias).to(dtype)
 
 
 @dynamic_int8_linear.register_fake
 @dynamic_int8_linear_per_token.register_fake
 def _(x, weight_t, weight_scale, bias):
     return x.new_empty((*x.shape[:-1], weight_t.shape[1]))
+
+
+def as_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32; a float32 ``x`` as it is, so a float32 model's trace gets no Cast."""
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def same_dtype(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``y`` in ``like``'s dtype: quantized layers compute in float32 and keep the model's dtype."""
+    return y if y.dtype == like.dtype else y.to(like.dtype)
 
 
 def as_uint8(weight_int8):

@@ -60,9 +60,10 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
     (``accuracy_level=4``): ``x`` is rounded per block of ``block_size`` along k to int8 with
     its own scale. (Its float path, ``accuracy_level=0``, is over 100x slower at batch 1.)
     """
+    x32 = x.float()  # float32 arithmetic whatever the model's dtype, as the kernels compute
     if bits == 8:
-        x = _round_blocks_int8(x, block_size)
-    return torch.matmul(x, dequantize_packed(packed, scales, zeros, k, bits).t())
+        x32 = _round_blocks_int8(x32, block_size)
+    return torch.matmul(x32, dequantize_packed(packed, scales, zeros, k, bits).t()).to(x.dtype)
 
 
 def _round_blocks_int8(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -145,6 +146,8 @@ def gather_nbits_onnx(ids: INT64, packed, scales, zeros=None, k: int = 0, bits: 
 class PackedWeight(nn.Module):
     """Buffers of one packed weight: codes ``(N, blocks, blob)``, scales, zero points or None."""
 
+    keeps_format = True  # its float16 scales are a storage format: lowered as they are
+
     def __init__(self, q: QuantizedWeight):
         super().__init__()
         self.fmt, self.in_features = q.fmt, q.in_features
@@ -183,7 +186,7 @@ class WeightOnlyLinear(nn.Module):
         self.weight_q = weight
         self.tied = tied  # the packed weight belongs to an embedding and is counted there
         self.in_features, self.out_features = weight.in_features, weight.out_features
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, bias: torch.Tensor | None, fmt: WeightFormat) -> WeightOnlyLinear:
@@ -209,15 +212,17 @@ class WeightOnlyLinear(nn.Module):
 class WeightOnlyEmbedding(nn.Module):
     """Drop-in for ``nn.Embedding`` over a packed table."""
 
-    def __init__(self, table: PackedWeight, padding_idx: int | None = None):
+    def __init__(self, table: PackedWeight, padding_idx: int | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.weight_q = table
+        self.out_dtype = dtype  # the table's float dtype: what the layers after it read
         self.num_embeddings, self.embedding_dim = table.out_features, table.in_features
         self.padding_idx = padding_idx
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.weight_q
-        return gather_nbits(ids, t.packed, t.group_scales(), t.zeros, t.in_features, t.fmt.bits)
+        rows = gather_nbits(ids, t.packed, t.group_scales(), t.zeros, t.in_features, t.fmt.bits)
+        return rows if self.out_dtype == torch.float32 else rows.to(self.out_dtype)
 
     def logical_params(self) -> int:
         return self.num_embeddings * self.embedding_dim

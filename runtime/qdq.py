@@ -14,7 +14,7 @@ from onnxscript import FLOAT
 from onnxscript import opset18 as op
 from torch import nn
 
-from presso.runtime.int8 import UINT8_128, as_uint8, quantize_per_channel_int8
+from presso.runtime.int8 import UINT8_128, as_float32, as_uint8, quantize_per_channel_int8, same_dtype
 
 
 @torch.library.custom_op("presso::quantize_dequantize", mutates_args=())
@@ -22,8 +22,8 @@ def quantize_dequantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.
     """Round ``x`` to the int8/uint8 grid of ``scale``/``zero_point`` (0-d tensors) and back."""
     info = torch.iinfo(zero_point.dtype)
     zp = zero_point.float()
-    q = torch.clamp(torch.round(x / scale) + zp, info.min, info.max)  # round half to even, as ONNX
-    return (q - zp) * scale
+    q = torch.clamp(torch.round(x.float() / scale) + zp, info.min, info.max)  # round half to even, as ONNX
+    return ((q - zp) * scale).to(x.dtype)
 
 
 @quantize_dequantize.register_fake
@@ -86,8 +86,8 @@ class StaticInt8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.matmul(self.input_quant(x), dequantize_per_channel(self.weight_t, self.weight_scale, 1))
-        return y if self.bias is None else y + self.bias
+        y = torch.matmul(as_float32(self.input_quant(x)), dequantize_per_channel(self.weight_t, self.weight_scale, 1))
+        return same_dtype(y if self.bias is None else y + self.bias, x)
 
     def logical_params(self) -> int:
         return self.in_features * self.out_features + (0 if self.bias is None else self.out_features)
@@ -113,7 +113,9 @@ class StaticInt8Conv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_per_channel(self.weight, self.weight_scale, 0)
-        return F.conv2d(self.input_quant(x), w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        y = F.conv2d(as_float32(self.input_quant(x)), w, self.bias, self.stride, self.padding, self.dilation,
+                     self.groups)
+        return same_dtype(y, x)
 
     def logical_params(self) -> int:
         return self.weight.numel() + (0 if self.bias is None else self.bias.numel())

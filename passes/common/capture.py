@@ -38,9 +38,17 @@ def calls_and_outputs_of(modules: Mapping[str, nn.Module], record: Callable[[str
 
 
 def output_grads_of(modules: Mapping[str, nn.Module], record: Record) -> contextlib.AbstractContextManager:
-    """``record(path, g)`` with d loss / d output of each module, during ``backward()``."""
-    return _hooked([m.register_full_backward_hook(lambda _m, _gi, go, p=p: record(p, go[0]))
-                    for p, m in modules.items()])
+    """``record(path, g)`` with d loss / d output of each module, during ``backward()``.
+
+    A hook on the output tensor, not a full backward hook: the latter wraps the output in a view
+    that a model editing its output in place (Falcon's attention) may not modify."""
+    def watch(path: str):
+        def hook(_module, _args, out):
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                out.register_hook(lambda g: record(path, g))
+        return hook
+
+    return _hooked([m.register_forward_hook(watch(p)) for p, m in modules.items()])
 
 
 def calls_of(module: nn.Module, record: Callable[[tuple, dict], None]) -> contextlib.AbstractContextManager:

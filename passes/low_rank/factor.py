@@ -110,21 +110,23 @@ class LowRankLinear(nn.Sequential):
 
 
 def low_rank_linears(a: torch.Tensor, b: torch.Tensor, biases: list[torch.Tensor | None],
-                     sizes: list[int]) -> list[LowRankLinear]:
-    """One :class:`LowRankLinear` per block of ``sizes`` rows of ``B``, all sharing ``first`` = ``A``."""
-    first = _linear(a, None)
-    return [LowRankLinear(first, _linear(part, bias)) for part, bias in zip(b.split(sizes), biases)]
+                     sizes: list[int], dtype: torch.dtype) -> list[LowRankLinear]:
+    """One :class:`LowRankLinear` per block of ``sizes`` rows of ``B``, all sharing ``first`` = ``A``;
+    the factors in ``dtype`` (the model's), whatever precision they were computed in."""
+    first = _linear(a, None, dtype)
+    return [LowRankLinear(first, _linear(part, bias, dtype)) for part, bias in zip(b.split(sizes), biases)]
 
 
 def replace_unit(root: nn.Module, paths: list[str], a: torch.Tensor, b: torch.Tensor) -> None:
     """Put ``B A`` (the factors of the linears at ``paths``, weights stacked) in their place."""
     olds = [linear_weight(root.get_submodule(p)) for p in paths]
-    for path, new in zip(paths, low_rank_linears(a, b, [bias for _, bias in olds], [w.shape[0] for w, _ in olds])):
+    news = low_rank_linears(a, b, [bias for _, bias in olds], [w.shape[0] for w, _ in olds], olds[0][0].dtype)
+    for path, new in zip(paths, news):
         root.set_submodule(path, new)
 
 
-def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, dtype=dtype, device=weight.device)
     with torch.no_grad():
         linear.weight.copy_(weight)
         if bias is not None:

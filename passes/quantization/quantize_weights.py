@@ -130,7 +130,7 @@ def quantize_embeddings(
     }  # subclasses (learned positions) add logic
     for path, emb in tables.items():
         packed = PackedWeight(quantize_weight(emb.weight.detach(), fmt))
-        replace_module(graph.module, path, WeightOnlyEmbedding(packed, emb.padding_idx))
+        replace_module(graph.module, path, WeightOnlyEmbedding(packed, emb.padding_idx, emb.weight.dtype))
         for lpath, linear in chosen.items():
             if isinstance(linear, nn.Linear) and linear.weight is emb.weight:
                 replace_module(graph.module, lpath, WeightOnlyLinear(packed, linear.bias, tied=True))

@@ -1,0 +1,70 @@
+"""The precision a model is lowered to ONNX in.
+
+ONNX Runtime's CPU kernels compute in float32 (it has no bfloat16 ``Mul`` or ``MatMul``, and
+``MatMulNBits`` reads float32 or float16 activations only), so a bfloat16 or float16 model is
+lowered with its float parts in float32: a view of the compiled model that shares every
+float32 tensor and every packed weight and casts the rest. Packed weights keep their format
+(``keeps_format`` modules: codes and float16 scales as stored). The lowering is checked
+against this view, which computes what the file computes; how far the view is from the
+model in its own dtype is reported beside it.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from presso.graph import Graph
+from presso.numerics import float_dtype, rel_error
+
+LOWERED_DTYPE = torch.float32
+
+
+def needs_cast(module: nn.Module) -> bool:
+    return any(t.is_floating_point() and t.dtype != LOWERED_DTYPE for t in _float_tensors(module))
+
+
+def float32_view(module: nn.Module) -> nn.Module:
+    """``module`` itself when it is all float32, else a copy with its other float tensors cast."""
+    if not needs_cast(module):
+        return module
+    memo: dict[int, object] = {}
+    for t in (*module.parameters(), *module.buffers()):
+        memo[id(t)] = t  # shared, not copied
+    for t in _float_tensors(module):
+        if t.dtype != LOWERED_DTYPE:
+            cast = t.detach().to(LOWERED_DTYPE)
+            memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+    view = copy.deepcopy(module, memo)
+    for m in view.modules():
+        if hasattr(m, "out_dtype"):
+            m.out_dtype = LOWERED_DTYPE
+    config = getattr(view, "config", None)
+    if config is not None and hasattr(config, "torch_dtype"):
+        config.torch_dtype = LOWERED_DTYPE
+    return view.eval()
+
+
+def lowering_graph(graph: Graph) -> Graph:
+    """``graph`` over :func:`float32_view` of its module: what the ONNX file is traced from."""
+    view = float32_view(graph.module)
+    if view is graph.module:
+        return graph
+    return Graph(view, graph.spec, graph.example_inputs, graph.dynamic)
+
+
+def precision_report(graph: Graph, lowered: Graph) -> dict:
+    """The lowered dtype and, for a cast model, how far the view's outputs are from the model's."""
+    out = {"model_dtype": str(float_dtype(graph.module)).replace("torch.", ""),
+           "lowered_dtype": str(LOWERED_DTYPE).replace("torch.", "")}
+    if lowered is not graph:
+        out["rel_error_vs_model"] = rel_error(graph.run(), lowered.run())
+    return out
+
+
+def _float_tensors(module: nn.Module):
+    packed = {id(t) for m in module.modules() if getattr(m, "keeps_format", False) for t in m.buffers()}
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point() and id(t) not in packed:
+            yield t
