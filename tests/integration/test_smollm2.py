@@ -51,6 +51,7 @@ def test_decode_step_reads_the_cache_instead_of_the_prompt(exported):
     assert np.abs(full[:, -1] - logits_step[:, 0]).max() < 1e-3
 
 
+@pytest.mark.slow
 def test_int4_gptq_with_packed_embeddings_is_small_and_runs_in_ort(smollm2, tmp_path):
     model, tokenizer = smollm2
     calibration = ev.calibration_batches(tokenizer, n=4, seq_len=128, batch_size=4)
