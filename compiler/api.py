@@ -1,8 +1,8 @@
 """The public entry points: ``compile``, ``make_pass``, ``list_passes``, ``list_importances``."""
 from __future__ import annotations
 
-import copy
 import inspect
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -13,6 +13,7 @@ from torch import nn
 from presso.compiled import CompiledModel
 from presso.errors import ConfigError, ExportError, PressoError, TraceError
 from presso.graph import Graph, user_frame
+from presso.lazy import LazyWeights, lazy_copy
 from presso.manager import PassManager
 from presso.numerics import (
     FLOOR_FACTOR,
@@ -66,26 +67,28 @@ def resolve_passes(passes: Iterable[Pass | str]) -> list[Pass]:
     return resolved
 
 
-def compile(model: nn.Module, passes: Sequence[Pass | str] = (), *, example_inputs: Any,
+def compile(model: nn.Module | str | os.PathLike, passes: Sequence[Pass | str] = (), *, example_inputs: Any,
             calibration: Iterable[Any] | None = None, backend: str = "torch",
             verify: bool = True, recipe: str | None = None) -> CompiledModel:
     """Trace ``model``, run ``passes`` on a copy, lower to ``backend``; ``model`` is never changed.
 
-    ``recipe`` names a shipped pipeline (``presso.recipes.list_recipes()``); its passes run
-    first, then ``passes``.
+    ``model`` is a module or a Hugging Face folder of safetensors files; either way the
+    working copy reads its weights one block at a time, as the passes reach them
+    (:mod:`presso.lazy`). ``recipe`` names a shipped pipeline
+    (``presso.recipes.list_recipes()``); its passes run first, then ``passes``.
     """
     start = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise PressoError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pass_list = _recipe_passes(recipe) + resolve_passes(passes)
     lower = _backend(backend)
     inputs = normalize_inputs(example_inputs)
     calib = None if calibration is None else [normalize_inputs(c, "each calibration item") for c in calibration]
-    graph = _trace(_private_copy(model), inputs)
+    work, weights = _working_copy(model)
+    graph = _trace(work, weights, inputs)
     before = (count_params(graph.module), count_bytes(graph.module))
     ctx = Context(inputs, calib, facts={"calibration"} if calib else set())
     manager = PassManager(pass_list, verify=verify)
     graph = manager.run(graph, ctx)
+    graph.materialize(why=f"lowering to {backend!r}")  # what no pass read yet (an uncompressed model)
     run = lower(graph)
     report = _report(model, graph, manager, backend, before, run, start)
     if verify and report.get("backend_rel_error", 0.0) > report.get("backend_allowed", BACKEND_TOLERANCE):
@@ -112,19 +115,28 @@ def _backend(name: str):
     return backends[name]
 
 
-def _private_copy(model: nn.Module) -> nn.Module:
+def _working_copy(model: nn.Module | str | os.PathLike) -> tuple[nn.Module, LazyWeights]:
+    """The copy the passes rewrite, its parameters still to read (from ``model`` or from disk)."""
+    if isinstance(model, (str, os.PathLike)):
+        from presso.checkpoint import open_checkpoint
+
+        return open_checkpoint(model)
+    if not isinstance(model, nn.Module):
+        raise PressoError(f"model must be a torch.nn.Module or a Hugging Face folder, got {type(model).__name__}")
     try:
-        work = copy.deepcopy(model)
+        work, weights = lazy_copy(model)
     except Exception as exc:  # noqa: BLE001
         raise TraceError(f"could not copy {type(model).__name__} ({type(exc).__name__}: {exc}); presso works "
                          "on a copy so that your model is never changed",
                          hint="make the model deep-copyable (no open files or locks as attributes)") from exc
-    return work.eval()
+    return work.eval(), weights
 
 
-def _trace(work: nn.Module, inputs: Inputs) -> Graph:
-    outputs = _run_eager(work, inputs)
+def _trace(work: nn.Module, weights: LazyWeights, inputs: Inputs) -> Graph:
+    with weights.streamed():
+        outputs = _run_eager(work, inputs)
     graph = Graph(work, make_call_spec(work, inputs, outputs), inputs)
+    graph.weights = weights
     _ = graph.exported  # trace now, so a model that will not trace fails before any pass runs
     return graph
 

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from presso.errors import TraceError
+from presso.lazy import LazyWeights
 from presso.signature import CallSpec, Inputs, Traceable
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -45,13 +46,17 @@ class Graph:
         self.spec = spec
         self.example_inputs = example_inputs
         self.dynamic = dynamic
+        self.weights: LazyWeights | None = None  # parameters still to read (presso.lazy), if any
         self._exported: torch.export.ExportedProgram | None = None
 
     # --- the traced view -------------------------------------------------
     @property
     def exported(self) -> torch.export.ExportedProgram:
         if self._exported is None:
-            self._exported, self.dynamic = export_program(self.traceable(), self.example_inputs, self.dynamic)
+            partly_loaded = self.weights is not None and bool(self.weights.entries)
+            with self.weights.all_meta() if partly_loaded else contextlib.nullcontext():
+                self._exported, self.dynamic = export_program(self.traceable(), self.example_inputs, self.dynamic)
+            self._traced_on_meta = partly_loaded  # its constants are placeholders: analysis only
             annotate(self._exported)
         return self._exported
 
@@ -85,7 +90,21 @@ class Graph:
         Another module with the same call signature (the original, kept for a refit) runs too."""
         inputs = inputs or self.example_inputs
         model = self.traceable() if module is None else Traceable(module, self.spec)
-        return model(*self.spec.flatten_inputs(inputs.args, inputs.kwargs))
+        streamed = self.weights.streamed() if self.weights is not None and module is None else contextlib.nullcontext()
+        with streamed:
+            return model(*self.spec.flatten_inputs(inputs.args, inputs.kwargs))
+
+    def materialize(self, module: nn.Module | None = None, why: str = "") -> None:
+        """Read ``module``'s weights still on disk (all of them when ``module`` is None: refused with
+        the way out when they would not fit in memory). A no-op for a model held whole."""
+        if self.weights is None:
+            return
+        if module is None:
+            self.weights.load_all(why or "this step")
+        else:
+            self.weights.load(module)
+        if getattr(self, "_traced_on_meta", False) and not self.weights.entries:
+            self.invalidate()  # the next trace holds the real weights
 
     @torch.no_grad()
     def run(self, inputs: Inputs | None = None, module: nn.Module | None = None) -> tuple[torch.Tensor, ...]:

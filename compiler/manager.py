@@ -110,6 +110,8 @@ class PassManager:
 
     def _run_one(self, p: Pass, graph: Any, ctx: Context, prev, original, before: list[Pass]):
         start = time.perf_counter()
+        if not p.streams:  # it reads weights anywhere: all of them in memory first
+            graph.materialize(why=f"pass {p.name!r}")
         try:
             result = p.run(graph, ctx)
         except PressoError:

@@ -181,6 +181,10 @@ class Pass:
     provides: ClassVar[frozenset[str]] = frozenset()
     invalidates: ClassVar[frozenset[str]] = frozenset()
     conflicts: ClassVar[dict[str, str]] = {}  # fact -> why this pass cannot follow it, and the way out
+    # True: the pass reads weights only through ``graph.materialize(module)`` or the block runner, so
+    # a model larger than memory passes through one block at a time; False: every weight is
+    # loaded before it runs
+    streams: ClassVar[bool] = False
 
     @property
     def tolerance(self) -> float:

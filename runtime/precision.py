@@ -40,9 +40,6 @@ def float32_view(module: nn.Module) -> nn.Module:
     for m in view.modules():
         if hasattr(m, "out_dtype"):
             m.out_dtype = LOWERED_DTYPE
-    config = getattr(view, "config", None)
-    if config is not None and hasattr(config, "torch_dtype"):
-        config.torch_dtype = LOWERED_DTYPE
     return view.eval()
 
 

@@ -92,6 +92,7 @@ def walk_blocks(graph: Graph, batches: list[Inputs]) -> Iterator[BlockStep]:
     blocks = find_blocks(graph.module)
     calls = capture_calls(graph, blocks[0][1], batches) if blocks else []
     for path, block in blocks:
+        graph.materialize(block)  # weights still on disk are read here, one block at a time
         yield BlockStep(path, block, calls)
         calls = [c.with_hidden(run_block(block, c)) for c in calls]
 

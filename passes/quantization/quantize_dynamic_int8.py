@@ -36,6 +36,7 @@ class QuantizeDynamicInt8(Pass):
     Config = DynamicInt8Config
     summary = "Linear weights to int8 per channel; activations quantized dynamically (ONNX integer matmul)."
     provides = frozenset({"quantized"})
+    streams = True  # one linear's float weight in memory at a time
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         chosen, skipped = select_linears(graph, self.config.skip)
@@ -43,6 +44,7 @@ class QuantizeDynamicInt8(Pass):
         untied = tied_to_others(graph.module, chosen)
         bytes_before = bytes_after = 0
         for path, module in chosen.items():
+            graph.materialize(module)
             weight, bias = linear_weight(module)
             new = DynamicInt8Linear.from_weight(weight, bias, per_token=self.config.activations == "per_token")
             replace_module(graph.module, path, new)

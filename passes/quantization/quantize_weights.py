@@ -88,6 +88,7 @@ class QuantizeWeights(Pass):
     Config = QuantizeWeightsConfig
     summary = "Weight-only int4/int8 group-wise (RTN, GPTQ, AWQ), lowered to ONNX Runtime MatMulNBits."
     provides = frozenset({"quantized"})
+    streams = True  # RTN: one linear's float weight at a time; GPTQ/AWQ: one block at a time
 
     def run(self, graph: Graph, ctx: Context) -> PassResult:
         cfg = self.config
@@ -102,12 +103,14 @@ class QuantizeWeights(Pass):
         formats = {p: cfg.fmt for p in chosen}
         batches = list(ctx.calibration or [])
         if cfg.keep_sensitive:
+            graph.materialize(why="quantize_weights(keep_sensitive=...), which compares every layer")
             kept = keep_sensitive(graph, chosen, cfg, batches)
             formats.update({p: replace(cfg.fmt, bits=cfg.sensitive_bits) for p in kept})
             stats["kept_at_sensitive_bits"] = kept
         start = time.perf_counter()
         if cfg.method == "rtn":
             for path, module in chosen.items():
+                graph.materialize(module)
                 weight, bias = linear_weight(module)
                 replace_module(graph.module, path, WeightOnlyLinear.quantize(weight, bias, formats[path]))
         else:

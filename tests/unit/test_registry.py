@@ -106,3 +106,20 @@ def test_a_plugin_adapter_is_asked_before_the_builtin_ones(fresh_registry):
     assert [a.name for a in registry.adapters][:2] == ["my_llama", "llama"]
     model, _ = build("llama")
     assert adapter_for(model.model.layers[0].self_attn).name == "my_llama"
+
+
+def test_every_source_package_is_in_the_wheel():
+    """A folder with an __init__.py that pyproject does not list is missing from a non-editable install."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(tool["packages"])
+    dirs = {v: k for k, v in tool["package-dir"].items()}
+    found = set()
+    for folder, package in dirs.items():
+        for init in (root / folder).rglob("__init__.py"):
+            rel = init.parent.relative_to(root / folder).parts
+            found.add(".".join((package, *rel)))
+    assert found <= listed, f"packages missing from pyproject.toml: {sorted(found - listed)}"
