@@ -158,7 +158,7 @@ def _run_eager(model: nn.Module, inputs: Inputs) -> Any:
 
 def _report(model, graph: Graph, manager: PassManager, backend: str, before, run, start) -> Report:
     final, original = graph.run(), manager.original_outputs
-    report = Report(model=type(model).__name__, backend=backend,
+    report = Report(model=type(graph.module).__name__, backend=backend,
                     params_before=before[0], params_after=count_params(graph.module),
                     bytes_before=before[1], bytes_after=count_bytes(graph.module),
                     passes=[r.to_dict() for r in manager.records],

@@ -46,17 +46,19 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
     import presso
     from presso import eval as ev
-    from presso import models
 
     recipe = load_recipe(args.recipe) if args.recipe else None
     passes = (recipe.make_passes() if recipe else []) + [parse_pass(tokens) for tokens in args.passes or []]
     out = Path(args.out)
     check_writable(out)
     print(f"loading {args.model} ...", file=sys.stderr)
-    model, tokenizer = models.load(args.model)
-    example = torch.randint(3, min(tokenizer.vocab_size, 1000), (1, 16))
+    model, tokenizer, vocab = _open_model(args.model)
+    example = torch.randint(3, min(vocab, 1000), (1, 16))
     calibration = None
     if any("calibration" in p.requires for p in passes):
+        if tokenizer is None:
+            raise PressoError(f"{args.model} has no tokenizer files, and the passes calibrate on text",
+                              hint="copy the tokenizer files (tokenizer.json, tokenizer_config.json) into the folder")
         n = args.calibration or (recipe.calibration if recipe else 0) or DEFAULT_CALIBRATION
         seq_len = args.seq_len or (recipe.seq_len if recipe else DEFAULT_SEQ_LEN)
         print(f"calibrating on {n} x {seq_len} tokens of WikiText-2 validation ...", file=sys.stderr)
@@ -66,6 +68,25 @@ def cmd_compile(args: argparse.Namespace) -> int:
     compiled.export(out, tokenizer=tokenizer)
     print(compiled.report.to_markdown())
     return 0
+
+
+def _open_model(name: str):
+    """A safetensors folder stays on disk (compile reads it block by block); anything else is loaded."""
+    from presso import models
+
+    folder = Path(name)
+    if folder.is_dir() and any(folder.glob("*.safetensors")):
+        from transformers import AutoConfig, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError):
+            tokenizer = None
+        vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", 1000)
+        return str(folder), tokenizer, vocab
+    model, tokenizer = models.load(name)
+    return model, tokenizer, tokenizer.vocab_size
 
 
 def load_recipe(name: str):

@@ -72,8 +72,13 @@ def select_linears(graph: Graph, skip: tuple[str, ...]) -> tuple[dict[str, nn.Mo
 def tied_to_others(root: nn.Module, chosen: dict[str, nn.Module]) -> list[str]:
     """Paths of chosen linears whose weight is also used by a module outside the chosen set."""
     chosen_ids = {id(m) for m in chosen.values()}
-    elsewhere = {p.data_ptr() for m in root.modules() if id(m) not in chosen_ids for p in m.parameters(recurse=False)}
-    return [path for path, m in chosen.items() if m.weight.data_ptr() in elsewhere]
+    elsewhere = {_storage(p) for m in root.modules() if id(m) not in chosen_ids for p in m.parameters(recurse=False)}
+    return [path for path, m in chosen.items() if _storage(m.weight) in elsewhere]
+
+
+def _storage(t: torch.Tensor) -> int:
+    # every meta tensor (a weight still on disk) reports address 0: those are told apart by identity
+    return id(t) if t.is_meta else t.data_ptr()
 
 
 def without_tied(root: nn.Module, chosen: dict[str, nn.Module], tied: str) -> tuple[dict[str, nn.Module], list[str]]:

@@ -110,8 +110,9 @@ def test_a_plugin_adapter_is_asked_before_the_builtin_ones(fresh_registry):
 
 def test_every_source_package_is_in_the_wheel():
     """A folder with an __init__.py that pyproject does not list is missing from a non-editable install."""
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     root = Path(__file__).resolve().parents[2]
     tool = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
