@@ -26,6 +26,7 @@ from presso.numerics import (
 )
 from presso.pass_api import Context, Pass
 from presso.plugins.registry import get_registry
+from presso.progress import Progress
 from presso.report import Report, count_bytes, count_params
 from presso.signature import Inputs, hf_call_options, make_call_spec, normalize_inputs
 
@@ -69,8 +70,14 @@ def resolve_passes(passes: Iterable[Pass | str]) -> list[Pass]:
 
 def compile(model: nn.Module | str | os.PathLike, passes: Sequence[Pass | str] = (), *, example_inputs: Any,
             calibration: Iterable[Any] | None = None, backend: str = "torch",
-            verify: bool = True, recipe: str | None = None) -> CompiledModel:
+            verify: bool = True, recipe: str | None = None, device: str | None = None,
+            resume: str | os.PathLike | None = None) -> CompiledModel:
     """Trace ``model``, run ``passes`` on a copy, lower to ``backend``; ``model`` is never changed.
+
+    ``device`` is where calibration runs, one block at a time (default: CUDA when there is one);
+    the compiled model stays where the model was. ``resume`` is a folder where block-by-block
+    passes save each finished block: a run that stopped, given the same folder, starts after
+    the last finished block (:mod:`presso.progress`).
 
     ``model`` is a module or a Hugging Face folder of safetensors files; either way the
     working copy reads its weights one block at a time, as the passes reach them
@@ -84,6 +91,8 @@ def compile(model: nn.Module | str | os.PathLike, passes: Sequence[Pass | str] =
     calib = None if calibration is None else [normalize_inputs(c, "each calibration item") for c in calibration]
     work, weights = _working_copy(model)
     graph = _trace(work, weights, inputs)
+    graph.device = _device(device)
+    graph.progress = Progress(resume) if resume is not None else None
     before = (count_params(graph.module), count_bytes(graph.module))
     ctx = Context(inputs, calib, facts={"calibration"} if calib else set())
     manager = PassManager(pass_list, verify=verify)
@@ -113,6 +122,19 @@ def _backend(name: str):
     if name not in backends:
         raise ConfigError(f"unknown backend {name!r}", hint=f"available backends: {', '.join(sorted(backends))}")
     return backends[name]
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"unknown device {name!r}", hint="use 'cpu', 'cuda' or 'cuda:N'") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but this machine has no CUDA device",
+                          hint="leave device= out (CPU here) or run on a machine with a GPU")
+    return device
 
 
 def _working_copy(model: nn.Module | str | os.PathLike) -> tuple[nn.Module, LazyWeights]:

@@ -32,7 +32,6 @@ class SafetensorsSource:
         self.files = _weight_map(folder)
         for file in sorted(set(self.files.values())):
             _check_shard(folder / file)
-        self._open: dict[str, object] = {}
 
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -41,9 +40,9 @@ class SafetensorsSource:
         if file is None:
             raise PressoError(f"no shard in {self.folder} holds {name!r}",
                               hint="the checkpoint is incomplete or for another architecture than config.json")
-        if file not in self._open:
-            self._open[file] = safe_open(str(self.folder / file), framework="pt")
-        return self._open[file].get_tensor(name)
+        # opened for each read: a shard kept mapped would keep every page read so far resident
+        with safe_open(str(self.folder / file), framework="pt") as shard:
+            return shard.get_tensor(name)
 
 
 def open_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[nn.Module, LazyWeights]:
@@ -60,7 +59,7 @@ def open_checkpoint(folder: str | os.PathLike, dtype: torch.dtype | None = None)
     source = SafetensorsSource(path)
     config = AutoConfig.from_pretrained(str(path), local_files_only=True)
     dtype = dtype or getattr(config, "torch_dtype", None) or torch.float32
-    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+    causal = any(a.endswith("ForCausalLM") for a in (config.architectures or [])) or "lm_head.weight" in source.files
     with init_empty_weights(include_buffers=False):
         model = (AutoModelForCausalLM if causal else AutoModel).from_config(config, dtype=dtype)
     model.tie_weights()

@@ -5,6 +5,7 @@ Errors print one line and a hint (``--debug`` shows the traceback) and exit non-
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import traceback
 from pathlib import Path
@@ -63,9 +64,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
         seq_len = args.seq_len or (recipe.seq_len if recipe else DEFAULT_SEQ_LEN)
         print(f"calibrating on {n} x {seq_len} tokens of WikiText-2 validation ...", file=sys.stderr)
         calibration = ev.calibration_batches(tokenizer, n=n, seq_len=seq_len)
-    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration)
+    # finished blocks are kept beside the output until the export is in place: a stopped run
+    # given the same --out starts after its last finished block
+    progress = out.parent / f".{out.name}.progress"
+    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration, resume=progress)
     print(f"exporting to {out} ...", file=sys.stderr)
     compiled.export(out, tokenizer=tokenizer)
+    shutil.rmtree(progress, ignore_errors=True)
     print(compiled.report.to_markdown())
     return 0
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from presso.errors import TraceError
 from presso.lazy import LazyWeights
+from presso.progress import Progress
 from presso.signature import CallSpec, Inputs, Traceable
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
@@ -47,13 +48,15 @@ class Graph:
         self.example_inputs = example_inputs
         self.dynamic = dynamic
         self.weights: LazyWeights | None = None  # parameters still to read (presso.lazy), if any
+        self.device = torch.device("cpu")  # where calibration runs, block by block (compile's device=)
+        self.progress: Progress | None = None  # finished blocks saved for a resume (compile's resume=)
         self._exported: torch.export.ExportedProgram | None = None
 
     # --- the traced view -------------------------------------------------
     @property
     def exported(self) -> torch.export.ExportedProgram:
         if self._exported is None:
-            partly_loaded = self.weights is not None and bool(self.weights.entries)
+            partly_loaded = self.weights is not None and bool(self.weights.pending())
             with self.weights.all_meta() if partly_loaded else contextlib.nullcontext():
                 self._exported, self.dynamic = export_program(self.traceable(), self.example_inputs, self.dynamic)
             self._traced_on_meta = partly_loaded  # its constants are placeholders: analysis only
@@ -94,6 +97,16 @@ class Graph:
         with streamed:
             return model(*self.spec.flatten_inputs(inputs.args, inputs.kwargs))
 
+    def release(self, old: nn.Module) -> None:
+        """Free the weights of ``old``, a module a pass has replaced, that the model no longer
+        holds: a pass that keeps the replaced modules in a dict would otherwise keep every float
+        weight it read until it ends."""
+        alive = {id(p) for p in self.module.parameters()}
+        for m in old.modules():
+            for attr, p in m._parameters.items():
+                if p is not None and not p.is_meta and id(p) not in alive:
+                    m._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
     def materialize(self, module: nn.Module | None = None, why: str = "") -> None:
         """Read ``module``'s weights still on disk (all of them when ``module`` is None: refused with
         the way out when they would not fit in memory). A no-op for a model held whole."""
@@ -103,7 +116,7 @@ class Graph:
             self.weights.load_all(why or "this step")
         else:
             self.weights.load(module)
-        if getattr(self, "_traced_on_meta", False) and not self.weights.entries:
+        if getattr(self, "_traced_on_meta", False) and not self.weights.pending():
             self.invalidate()  # the next trace holds the real weights
 
     @torch.no_grad()

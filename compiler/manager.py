@@ -110,6 +110,8 @@ class PassManager:
 
     def _run_one(self, p: Pass, graph: Any, ctx: Context, prev, original, before: list[Pass]):
         start = time.perf_counter()
+        if graph.progress is not None:
+            graph.progress.begin(len(before), p.name, p.config.to_dict(), graph.module, ctx.calibration)
         if not p.streams:  # it reads weights anywhere: all of them in memory first
             graph.materialize(why=f"pass {p.name!r}")
         try:
@@ -122,6 +124,8 @@ class PassManager:
                             hint="check the pass options; run with fewer passes to isolate it") from exc
         seconds = time.perf_counter() - start
         graph = result.graph
+        if graph.progress is not None:
+            graph.progress.end()
         if result.modified:
             graph.invalidate()
         ctx.facts = (ctx.facts | p.provides) - p.invalidates

@@ -46,7 +46,7 @@ def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.T
     block = packed.shape[2] * 8 // bits
     codes = unpack_codes(packed, bits, block).float()
     zero = (unpack_codes(zeros, bits, blocks).float() if zeros is not None
-            else torch.full((rows, blocks), 2.0 ** (bits - 1)))
+            else torch.full((rows, blocks), 2.0 ** (bits - 1), device=packed.device))
     w = (codes - zero[..., None]) * scales.float()[..., None]
     return w.reshape(rows, -1)[:, :k]
 

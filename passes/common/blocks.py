@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
-from presso.graph import Graph
+from presso.graph import Graph, replace_module
 from presso.passes.common.capture import calls_of, inputs_of
 from presso.passes.common.modules import is_linear
 from presso.signature import Inputs
@@ -43,6 +44,10 @@ class Call:
 
     def with_hidden(self, hidden: torch.Tensor) -> Call:
         return Call((hidden, *self.args[1:]), self.kwargs)
+
+    def to(self, device: torch.device) -> Call:
+        move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+        return Call(tree_map(move, self.args), tree_map(move, self.kwargs))
 
 
 @torch.no_grad()
@@ -90,11 +95,28 @@ def walk_blocks(graph: Graph, batches: list[Inputs]) -> Iterator[BlockStep]:
     caller left them*: the next block's inputs are computed after the caller's loop body ran.
     Stop early with ``break``; the later blocks are then never run."""
     blocks = find_blocks(graph.module)
-    calls = capture_calls(graph, blocks[0][1], batches) if blocks else []
-    for path, block in blocks:
+    device = graph.device
+    progress = graph.progress.current if graph.progress is not None else None
+    done = progress.finished() if progress else -1
+    if done >= 0:  # a run that stopped: its finished blocks come back from disk, not redone
+        for index, (path, _) in enumerate(blocks[: done + 1]):
+            replace_module(graph.module, path, progress.load(index, torch.device("cpu")))
+        blocks = [(path, graph.module.get_submodule(path)) for path, _ in blocks]
+        calls = progress.load_calls(device)
+    else:
+        calls = capture_calls(graph, blocks[0][1], batches) if blocks else []
+    for index, (path, block) in enumerate(blocks):
+        if index <= done:
+            continue
         graph.materialize(block)  # weights still on disk are read here, one block at a time
+        home = next((t.device for t in (*block.parameters(), *block.buffers())), device)
+        block.to(device)  # the block's work runs on the compute device, then the block goes home
+        calls = [c.to(device) for c in calls]
         yield BlockStep(path, block, calls)
         calls = [c.with_hidden(run_block(block, c)) for c in calls]
+        block.to(home)
+        if progress:
+            progress.save(index, block, calls)
 
 
 @torch.no_grad()
@@ -118,6 +140,19 @@ def group_by_input(modules: dict[str, nn.Module], forward: Callable[[], object])
 def peak_rss_bytes() -> int:
     """Peak resident memory of this process so far (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_in_use(device: torch.device) -> str:
+    """For a progress bar: resident host memory now, and the device's where it is a GPU."""
+    try:
+        with open("/proc/self/statm") as f:
+            host = int(f.read().split()[1]) * resource.getpagesize()
+    except OSError:
+        host = peak_rss_bytes()
+    text = f"host {host / 1e9:.1f} GB"
+    if device.type == "cuda":
+        text += f", {device} {torch.cuda.memory_allocated(device) / 1e9:.1f} GB"
+    return text
 
 
 def call_bytes(calls: list[Call]) -> int:

@@ -58,10 +58,10 @@ def clip_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat
     group = fmt.group(k)
     w = pad_to_blocks(weight.float(), group).view(n, -1, group)
     kp = w.shape[1] * group
-    hp = torch.zeros(kp, kp)
+    hp = torch.zeros(kp, kp, device=hessian.device)
     hp[:k, :k] = hessian
     blocks = torch.stack([hp[i:i + group, i:i + group] for i in range(0, kp, group)])  # (G, g, g)
-    best_err = torch.full(w.shape[:2], float("inf"))
+    best_err = torch.full(w.shape[:2], float("inf"), device=w.device)
     best_scale, best_zero = group_params(w, fmt)
     for ratio in CLIP_RATIOS.tolist():
         scale, zero = group_params(_clipped(w, ratio, fmt), fmt)

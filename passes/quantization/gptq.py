@@ -69,17 +69,18 @@ def gptq_quantize(
         if fixed is not None
         else _params(w, fmt, group)
         if static
-        else (torch.empty(n, -(-k // group)), torch.empty(n, -(-k // group)))
+        else (torch.empty(n, -(-k // group), device=w.device), torch.empty(n, -(-k // group), device=w.device))
     )
-    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k)
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h, damp)
     q = torch.zeros_like(w)
+    cols = perm.tolist()  # one host copy, not a device sync per column
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1), hinv[i1:i2, i1:i2]
+        w1, err1, hinv1 = w[:, i1:i2].clone(), torch.zeros(n, i2 - i1, device=w.device), hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
+            col = cols[i1 + i]
             g = col // group
             if not static and col % group == 0:
                 upcoming = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :group]
@@ -113,7 +114,7 @@ def refit_scales(
     kp = g_count * group
     codes = q.codes.float()[:, :k] - q.zeros.float().repeat_interleave(q.block_size, 1)[:, :k]
     c = pad_to_blocks(codes, group)  # (N, kp)
-    h = torch.zeros(kp, kp)
+    h = torch.zeros(kp, kp, device=hessian.device)
     h[:k, :k] = hessian.float()
     w = pad_to_blocks(weight.float(), group)
     old = group_level(q)[0]
@@ -121,7 +122,7 @@ def refit_scales(
     a = (partial.view(n, g_count, g_count, group) * c.view(n, 1, g_count, group)).sum(-1)  # (N, G, G)
     b = (c.view(n, g_count, group) * (w @ h).view(n, g_count, group)).sum(-1)  # (N, G)
     lam = ridge * a.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)  # (N,)
-    eye = torch.eye(g_count)
+    eye = torch.eye(g_count, device=hessian.device)
     scales = (
         torch.linalg.solve(
             a.double() + (lam[:, None, None] * eye).double(), (b + lam[:, None] * old).double().unsqueeze(-1)

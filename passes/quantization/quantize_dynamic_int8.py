@@ -48,6 +48,7 @@ class QuantizeDynamicInt8(Pass):
             weight, bias = linear_weight(module)
             new = DynamicInt8Linear.from_weight(weight, bias, per_token=self.config.activations == "per_token")
             replace_module(graph.module, path, new)
+            graph.release(module)
             bytes_before += weight.numel() * weight.element_size()
             bytes_after += new.weight_t.numel() + new.weight_scale.numel() * 4
         stats = {"quantized": len(chosen), "skipped": skipped, "kept_tied": kept_tied, "untied": untied,

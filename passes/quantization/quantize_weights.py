@@ -15,13 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from presso.errors import ConfigError
 from presso.graph import Graph, replace_module
 from presso.pass_api import Context, Pass, PassConfig, PassResult
-from presso.passes.common.blocks import call_bytes, find_blocks, peak_rss_bytes, walk_blocks
+from presso.passes.common.blocks import call_bytes, find_blocks, memory_in_use, peak_rss_bytes, walk_blocks
 from presso.passes.common.modules import linear_weight, select_linears, without_tied
 from presso.passes.common.scale_groups import apply_scales, find_scale_groups
 from presso.passes.common.sensitivity import layer_errors, most_sensitive
@@ -113,6 +114,8 @@ class QuantizeWeights(Pass):
                 graph.materialize(module)
                 weight, bias = linear_weight(module)
                 replace_module(graph.module, path, WeightOnlyLinear.quantize(weight, bias, formats[path]))
+                del weight, bias
+                graph.release(module)
         else:
             stats.update(calibrate_and_quantize(graph, chosen, formats, batches, cfg))
         stats["quantize_seconds"] = round(time.perf_counter() - start, 2)
@@ -165,20 +168,26 @@ def calibrate_and_quantize(
     memory = {"block_inputs_bytes": 0, "hessian_bytes": 0}
     alphas: dict[str, float] = {}
     inside: set[str] = set()
+    blocks = [b for b, _ in find_blocks(graph.module)]
     steps = tqdm(
         walk_blocks(graph, batches),
         desc=f"quantize_weights ({cfg.method})",
         unit="block",
-        total=len(find_blocks(graph.module)) or 1,
+        total=len(blocks) or 1,
         leave=False,
     )
+    seconds = []
     for step in steps:
+        started = time.perf_counter()
         mine = {p: m for p, m in chosen.items() if p.startswith(step.path + ".")}
         inside |= set(mine)
         if mine:
             memory["block_inputs_bytes"] = max(memory["block_inputs_bytes"], call_bytes(step.calls))
             _calibrate(graph, mine, lambda c: step.run(c.new_batch), groups, formats, cfg, memory, alphas)
-    rest = {p: m for p, m in chosen.items() if p not in inside}
+        seconds.append(round(time.perf_counter() - started, 3))
+        steps.set_postfix_str(memory_in_use(graph.device))
+    # a resumed run skipped the blocks it had finished: their linears are done too
+    rest = {p: m for p, m in chosen.items() if p not in inside and not any(p.startswith(b + ".") for b in blocks)}
     if rest:
 
         def run_model(collector):
@@ -188,7 +197,10 @@ def calibrate_and_quantize(
 
         _calibrate(graph, rest, run_model, groups, formats, cfg, memory, alphas)
     memory["process_peak_rss_bytes"] = peak_rss_bytes()
-    return {"calibration_batches": len(batches), "awq_alpha": alphas, "calibration_memory": memory}
+    if graph.device.type == "cuda":
+        memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(graph.device)
+    return {"calibration_batches": len(batches), "awq_alpha": alphas, "calibration_memory": memory,
+            "device": str(graph.device), "block_seconds": seconds}
 
 
 def _calibrate(
@@ -223,6 +235,8 @@ def _calibrate(
                 )
             q = refit_scales(weight, q, h)
         replace_module(graph.module, path, WeightOnlyLinear(PackedWeight(q), bias))
+        del weight, bias
+        graph.release(module)
 
 
 def _awq_scales(

@@ -81,13 +81,14 @@ def test_sensitivity_allocation_spends_the_budget_where_dropping_costs_most():
 
 
 def test_output_gradient_grams_are_symmetric_per_output_and_leave_the_model_as_it_was():
-    from presso.api import _private_copy, _trace
+    from presso.api import _trace, _working_copy
     from presso.pass_api import Context
     from presso.passes.common.loss import output_gradient_grams
     from presso.signature import normalize_inputs
 
     model, example = build("llama")
-    graph = _trace(_private_copy(model), normalize_inputs(example))
+    graph = _trace(*_working_copy(model), normalize_inputs(example))
+    graph.materialize()
     flags = {n: p.requires_grad for n, p in graph.module.named_parameters()}
     ctx = Context(example_inputs=example, calibration=[normalize_inputs(other_inputs("llama", example))])
     linears = {"model.layers.0.mlp.up_proj": graph.module.get_submodule("model.layers.0.mlp.up_proj")}
@@ -216,7 +217,7 @@ def test_linears_that_read_one_tensor_share_a_first_factor_that_is_exact_at_full
     x, gate, up = correlated_inputs(), torch.randn(48, 32), torch.randn(40, 32)
     m, m_inv = input_transform("whiten", 32, x.t() @ x, None, x.shape[0])
     a, b = spectrum(torch.cat([gate, up]), m, m_inv).factors(32)
-    new_gate, new_up = low_rank_linears(a, b, [None, torch.ones(40)], [48, 40])
+    new_gate, new_up = low_rank_linears(a, b, [None, torch.ones(40)], [48, 40], torch.float32)
     assert new_gate.first is new_up.first
     assert torch.allclose(new_gate(x), x @ gate.t(), atol=1e-3 * x.abs().max())
     assert torch.allclose(new_up(x), x @ up.t() + 1, atol=1e-3 * x.abs().max())

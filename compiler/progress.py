@@ -1,0 +1,97 @@
+"""Resumable block-by-block passes: each finished block is saved, so a run that stops (killed,
+out of memory, power) starts again after the last finished block.
+
+``compile(..., resume=FOLDER)`` keeps, per pass, one file per finished block (the rewritten
+block, pickled whole) and the calibration inputs of the next block. Each file is written
+beside its final name and renamed into place, so a file that exists is complete; a block
+whose file is missing is redone. A pass's folder is named by what makes its work the same
+(its position, name and options, the model and the calibration data); anything else
+starts that pass afresh.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from presso.errors import ExportError
+
+CALLS = "next-inputs.pt"
+
+
+class PassProgress:
+    """The saved blocks of one pass run."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def finished(self) -> int:
+        """Index of the last block saved in an unbroken run from block 0 (-1: none)."""
+        last = -1
+        while (self.folder / _block_file(last + 1)).is_file():
+            last += 1
+        return last if last < 0 or (self.folder / CALLS).is_file() else -1
+
+    def load(self, index: int, device: torch.device) -> nn.Module:
+        return torch.load(self.folder / _block_file(index), map_location="cpu", weights_only=False).to(device)
+
+    def load_calls(self, device: torch.device) -> list:
+        return torch.load(self.folder / CALLS, map_location=device, weights_only=False)
+
+    def save(self, index: int, block: nn.Module, next_calls: list) -> None:
+        """The block first, then the inputs of the next one: the block counts as done only when both
+        are in place (``finished`` requires the inputs file)."""
+        _atomic_save(next_calls, self.folder / CALLS)
+        _atomic_save(block, self.folder / _block_file(index))
+
+
+class Progress:
+    """The resume folder of one compile: a sub-folder per pass run."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ExportError(f"cannot use {self.folder} to save progress: {exc}",
+                              hint="give resume= a writable folder") from exc
+        self.current: PassProgress | None = None
+
+    def begin(self, index: int, name: str, config: dict[str, Any], model: nn.Module, calibration) -> None:
+        key = _fingerprint(index, name, config, model, calibration)
+        for stale in self.folder.glob(f"{index:02d}-*"):
+            if stale.name != f"{index:02d}-{name}-{key}":
+                shutil.rmtree(stale)  # the same position, other work: not to be resumed
+        self.current = PassProgress(self.folder / f"{index:02d}-{name}-{key}")
+
+    def end(self) -> None:
+        self.current = None
+
+
+def _block_file(index: int) -> str:
+    return f"block-{index:04d}.pt"
+
+
+def _atomic_save(obj: Any, target: Path) -> None:
+    partial = target.with_name(target.name + ".partial")
+    torch.save(obj, partial)
+    os.replace(partial, target)
+
+
+def _fingerprint(index: int, name: str, config: dict, model: nn.Module, calibration) -> str:
+    h = hashlib.sha256(json.dumps([index, name, config], sort_keys=True, default=str).encode())
+    h.update(type(model).__name__.encode())
+    for n, p in model.named_parameters():
+        h.update(f"{n}{tuple(p.shape)}{p.dtype}".encode())
+    for item in calibration or []:
+        for t in item.tensors:
+            h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(-1)[:4096].numpy().tobytes())
+    return h.hexdigest()[:12]

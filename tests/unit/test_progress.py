@@ -1,0 +1,60 @@
+"""A block-by-block pass that stops starts again after its last finished block."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import presso
+import presso.passes.quantization.quantize_weights as qw
+from presso.errors import PassError
+from tests.models import small_llama
+
+IDS = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+CALIBRATION = [torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+PER_BLOCK = 7  # linears GPTQ rounds in one Llama block (refit=0: one rounding each)
+
+
+def _gptq():
+    return presso.make_pass("quantize_weights", method="gptq", refit=0)
+
+
+def _compile(model, resume=None):
+    return presso.compile(model, [_gptq()], example_inputs=IDS, calibration=CALIBRATION, resume=resume)
+
+
+def test_a_stopped_run_resumes_after_its_last_finished_block(tmp_path, monkeypatch):
+    model = small_llama()
+    uninterrupted = _compile(model)(IDS).logits
+    calls = []
+    real = qw.gptq_quantize
+
+    def dies_in_block_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2 * PER_BLOCK + 1:  # the first linear of block 2
+            raise MemoryError("killed")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(qw, "gptq_quantize", dies_in_block_2)
+    with pytest.raises(PassError, match="killed"):
+        _compile(model, resume=tmp_path)
+    saved = sorted(p.name for p in tmp_path.glob("*/block-*.pt"))
+    assert saved == ["block-0000.pt", "block-0001.pt"]
+    assert not list(tmp_path.glob("*/*.partial"))  # nothing half-written is left for finished
+
+    calls.clear()
+    monkeypatch.setattr(qw, "gptq_quantize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    resumed = _compile(model, resume=tmp_path)(IDS).logits
+    assert len(calls) == 2 * PER_BLOCK + 1  # blocks 2 and 3, then lm_head: blocks 0 and 1 not redone
+    assert torch.equal(resumed, uninterrupted)
+
+
+def test_other_options_do_not_resume_old_blocks(tmp_path, monkeypatch):
+    model = small_llama()
+    _compile(model, resume=tmp_path)
+    calls = []
+    real = qw.gptq_quantize
+    monkeypatch.setattr(qw, "gptq_quantize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    p = presso.make_pass("quantize_weights", method="gptq", refit=0, group_size=64)
+    presso.compile(model, [p], example_inputs=IDS, calibration=CALIBRATION, resume=tmp_path)
+    assert len(calls) == 4 * PER_BLOCK + 1  # every block again
+    assert len(list(tmp_path.iterdir())) == 1  # the stale pass folder was replaced
