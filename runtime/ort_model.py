@@ -40,11 +40,16 @@ class OrtModel:
         return self.spec.unflatten_outputs(list(self.run_flat(*self.spec.flatten_inputs(args, kwargs))))
 
 
-def session(path: Path, providers: list[str] | None = None, threads: int | None = None) -> ort.InferenceSession:
-    """An InferenceSession, or an ExportError that says the file is unusable."""
+def session(path: Path, providers: list[str] | None = None, threads: int | None = None,
+            lean: bool = False) -> ort.InferenceSession:
+    """An InferenceSession, or an ExportError that says the file is unusable. ``lean``: for a
+    one-off check, no second copy of the weights in kernel layouts and no memory arena."""
     options = ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if lean:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(str(path), options, providers=providers or default_providers())
     except Exception as exc:  # noqa: BLE001 - corrupt or foreign files

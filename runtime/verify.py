@@ -31,7 +31,7 @@ def verify_file(graph: Graph, file: Path, decoder: dict[str, Any] | None, tolera
     """Relative errors of the file against ``graph.module``; an ExportError above what is allowed."""
     from presso.runtime.ort_model import session
 
-    ort_session = session(file, ["CPUExecutionProvider"])
+    ort_session = session(file, ["CPUExecutionProvider"], lean=True)  # the check needs no speed
     run = _decoder_runs(graph, ort_session, decoder) if decoder else _plain_runs(graph, ort_session)
     want = run("torch")
     got = run("onnxruntime")
