@@ -55,13 +55,18 @@ def _check(arch: str, dtype: torch.dtype, steps, tolerance: float | None = None)
         assert err < tolerance, f"{arch} {dtype}: {err:.3g} from the float32 result"
 
 
+# llama in make test; every other family and dtype in make test-all (CI)
+FAMILIES = [pytest.param(a, marks=() if a == "llama" else pytest.mark.slow) for a in CAUSAL]
+
+
 @pytest.mark.parametrize("dtype", HALF, ids=str)
-@pytest.mark.parametrize("arch", CAUSAL)
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_structural_passes_keep_dtype(arch, dtype):
     steps = STRUCTURAL[1:] if arch == "opt" else STRUCTURAL  # see test_opt_shared_pruned_split_traces
     _check(arch, dtype, steps, tolerance=0.1 if arch == "llama" else None)
 
 
+@pytest.mark.slow
 @pytest.mark.xfail(strict=True, reason="known defect: OPT with shared kv heads, then pruned, then split no longer "
                                        "traces (an attention-mask broadcast, in float32 as well)")
 def test_opt_shared_pruned_split_traces():
@@ -74,6 +79,7 @@ def test_quantizers_keep_dtype(family, dtype):
     _check("llama", dtype, QUANTIZERS[family], tolerance=0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["qwen2", "phi3", "falcon", "gpt2", "opt"])
 def test_weight_quantization_on_every_family_bf16(arch):
     _check(arch, torch.bfloat16, QUANTIZERS["weights-gptq"])
