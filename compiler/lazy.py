@@ -60,8 +60,10 @@ class LazyWeights:
     """The meta parameters of ``root`` and where to read each one from."""
 
     def __init__(self, root: nn.Module, source: WeightSource, blocks: list[nn.Module],
-                 device: torch.device | str = "cpu"):
-        self.root, self.source, self.blocks, self.device = root, source, blocks, torch.device(device)
+                 device: torch.device | str | None = None):
+        # None: each tensor stays where its source holds it (a caller's model on a GPU stays there)
+        self.root, self.source, self.blocks = root, source, blocks
+        self.device = None if device is None else torch.device(device)
         self.entries: dict[int, _Entry] = {}  # by id of the meta parameter
         for module_name, module in root.named_modules(remove_duplicate=False):
             for attr, p in module.named_parameters(recurse=False):
@@ -108,7 +110,8 @@ class LazyWeights:
         if tuple(tensor.shape) != tuple(entry.meta.shape):
             raise PressoError(f"{entry.name}: the weights hold shape {tuple(tensor.shape)}, the model expects "
                               f"{tuple(entry.meta.shape)}", hint="the config does not match the weights")
-        real = nn.Parameter(tensor.to(self.device, entry.meta.dtype), requires_grad=entry.meta.requires_grad)
+        tensor = tensor.to(self.device or tensor.device, entry.meta.dtype)
+        real = nn.Parameter(tensor, requires_grad=entry.meta.requires_grad)
         for module, attr in entry.owners:
             module._parameters[attr] = real
         return real
@@ -132,6 +135,13 @@ class LazyWeights:
             for module, attr, real in holders:
                 module._parameters[attr] = real
 
+    def load_outside_blocks(self) -> None:
+        """Read for good everything outside the blocks (embeddings, final norm, head)."""
+        inside = {id(p) for b in self.blocks for p in b.parameters()}
+        for entry in [e for e in self.entries.values() if id(e.meta) not in inside]:
+            self._install(entry)
+            del self.entries[id(entry.meta)]
+
     @contextlib.contextmanager
     def streamed(self) -> Iterator[None]:
         """Inside, each block still on disk is read when it is called and dropped after it
@@ -140,10 +150,7 @@ class LazyWeights:
             yield
             return
         blocks = self.blocks
-        inside = {id(p) for b in blocks for p in b.parameters()}
-        for entry in [e for e in self.entries.values() if id(e.meta) not in inside]:
-            self._install(entry)
-            del self.entries[id(entry.meta)]
+        self.load_outside_blocks()
         handles = []
         for block in blocks:
             if self.pending(block):

@@ -7,6 +7,7 @@ without a stack of repeated blocks is treated as one block fed the calibration i
 """
 from __future__ import annotations
 
+import contextlib
 import resource
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -90,17 +91,27 @@ class BlockStep:
             run_block(self.block, call)
 
 
-def walk_blocks(graph: Graph, batches: list[Inputs]) -> Iterator[BlockStep]:
+@dataclass
+class BlockOutputs:
+    """What the last block returned for each calibration batch, after the walk rewrote it."""
+
+    hidden: list[torch.Tensor]
+    as_tuple: bool  # the blocks return ``(hidden, ...)`` rather than a tensor
+
+
+def walk_blocks(graph: Graph, batches: list[Inputs], finals: list[BlockOutputs] | None = None
+                ) -> Iterator[BlockStep]:
     """The repeated blocks in order, each with the inputs the blocks before it produce *as the
     caller left them*: the next block's inputs are computed after the caller's loop body ran.
-    Stop early with ``break``; the later blocks are then never run."""
+    Stop early with ``break``; the later blocks are then never run. A walk that reaches the end
+    appends the last block's outputs to ``finals`` (for :func:`blocks_replayed`)."""
     blocks = find_blocks(graph.module)
     device = graph.device
     progress = graph.progress.current if graph.progress is not None else None
     done = progress.finished() if progress else -1
     if done >= 0:  # a run that stopped: its finished blocks come back from disk, not redone
         for index, (path, _) in enumerate(blocks[: done + 1]):
-            replace_module(graph.module, path, progress.load(index, torch.device("cpu")))
+            replace_module(graph.module, path, progress.load(index, _home(graph.module)))
         blocks = [(path, graph.module.get_submodule(path)) for path, _ in blocks]
         calls = progress.load_calls(device)
     else:
@@ -113,10 +124,74 @@ def walk_blocks(graph: Graph, batches: list[Inputs]) -> Iterator[BlockStep]:
         block.to(device)  # the block's work runs on the compute device, then the block goes home
         calls = [c.to(device) for c in calls]
         yield BlockStep(path, block, calls)
-        calls = [c.with_hidden(run_block(block, c)) for c in calls]
+        outs = [_block_output(block, c) for c in calls]
+        as_tuple = any(t for _, t in outs)
+        calls = [c.with_hidden(h) for c, (h, _) in zip(calls, outs)]
+        del outs
         block.to(home)
         if progress:
             progress.save(index, block, calls)
+    if finals is not None and blocks and calls:
+        if index <= done:  # every block came back from disk: one call tells how blocks return
+            block = blocks[-1][1].to(device)
+            as_tuple = _block_output(block, calls[0])[1]
+            block.to(_home(graph.module))
+        finals.append(BlockOutputs([c.args[0] for c in calls], as_tuple))
+
+
+def _home(model: nn.Module) -> torch.device:
+    """Where the model's weights live (a caller's model on a GPU stays there)."""
+    return next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
+
+
+@torch.no_grad()
+def _block_output(block: nn.Module, call: Call) -> tuple[torch.Tensor, bool]:
+    out = block(*call.args, **call.kwargs)
+    return (out[0], True) if isinstance(out, (tuple, list)) else (out, False)
+
+
+@contextlib.contextmanager
+def blocks_replayed(graph: Graph, paths: list[str], finals: BlockOutputs, device: torch.device
+                    ) -> Iterator[Callable]:
+    """Inside, a forward run skips the blocks (each hands its hidden states on; the last returns
+    what the walk left for the batch, in batch order) and everything outside the blocks
+    (embeddings, final norm, head) sits on ``device``: the modules after the blocks calibrate on
+    the device without running the model again. ``paths``: the blocks the walk went through.
+    Yields ``run(inputs)``, which runs one batch."""
+    blocks = [graph.module.get_submodule(p) for p in paths]
+    inside = {id(m) for b in blocks for m in b.modules()}
+    if graph.weights is not None:
+        graph.weights.load_outside_blocks()
+    home = _home(graph.module)
+    queue = iter(finals.hidden)
+    wrap = (lambda h: (h,)) if finals.as_tuple else (lambda h: h)
+
+    def passthrough(*args, **kwargs):
+        return wrap(args[0] if args else kwargs["hidden_states"])
+
+    def last(*args, **kwargs):
+        return wrap(next(queue))
+
+    def outside(to: torch.device) -> None:
+        for m in graph.module.modules():
+            if id(m) not in inside:
+                m._apply(lambda t: t.to(to), recurse=False)
+
+    for b in blocks:
+        b.forward = passthrough
+    blocks[-1].forward = last
+    outside(device)
+    move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
+
+    def run(inputs: Inputs) -> None:
+        graph.run(Inputs(tree_map(move, inputs.args), tree_map(move, dict(inputs.kwargs))))
+
+    try:
+        yield run
+    finally:
+        for b in blocks:
+            del b.forward
+        outside(home)
 
 
 @torch.no_grad()

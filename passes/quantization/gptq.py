@@ -5,6 +5,9 @@ layer's inputs, so the layer's output on calibration data moves as little as pos
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import torch
 
 from presso.passes.common.solve import damped
@@ -74,6 +77,9 @@ def gptq_quantize(
     perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(k, device=w.device)
     w, h = w[:, perm], h[perm][:, perm]
     hinv = _inverse_hessian_factor(h, damp)
+    if _column_kernel(w):
+        q = _gptq_kernel(w, hinv, scale, zero, perm, static, group, fmt, block)
+        return quantize_weight(q[:, torch.argsort(perm)], fmt, scale, zero)
     q = torch.zeros_like(w)
     cols = perm.tolist()  # one host copy, not a device sync per column
     for i1 in range(0, k, block):
@@ -118,8 +124,15 @@ def refit_scales(
     h[:k, :k] = hessian.float()
     w = pad_to_blocks(weight.float(), group)
     old = group_level(q)[0]
-    partial = torch.einsum("ngi,gij->ngj", c.view(n, g_count, group), h.view(g_count, group, kp))
-    a = (partial.view(n, g_count, g_count, group) * c.view(n, 1, g_count, group)).sum(-1)  # (N, G, G)
+    a = torch.empty(n, g_count, g_count, device=c.device)
+    # rows in chunks: the (rows, G, K) product is G times the weight (26 GB at once for an 8B
+    # model's down_proj), a chunk of it stays near 256 MB
+    step = max(1, (64 << 20) // (g_count * kp))
+    for r in range(0, n, step):
+        cr = c[r : r + step].view(-1, g_count, group)
+        partial = torch.einsum("ngi,gij->ngj", cr, h.view(g_count, group, kp))
+        a[r : r + step] = (partial.view(-1, g_count, g_count, group) * cr.view(-1, 1, g_count, group)).sum(-1)
+    del partial
     b = (c.view(n, g_count, group) * (w @ h).view(n, g_count, group)).sum(-1)  # (N, G)
     lam = ridge * a.diagonal(dim1=1, dim2=2).mean(-1).clamp(min=1e-12)  # (N,)
     eye = torch.eye(g_count, device=hessian.device)
@@ -141,3 +154,30 @@ def group_level(q: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
     if q.fmt.group(q.in_features) == q.in_features:
         return q.scales[:, :1], q.zeros[:, :1].float()
     return q.scales, q.zeros.float()
+
+
+def _column_kernel(w: torch.Tensor) -> bool:
+    """The Triton column loop on a GPU (``PRESSO_GPTQ_KERNEL=0`` keeps the torch loop)."""
+    if not w.is_cuda or os.environ.get("PRESSO_GPTQ_KERNEL", "1") == "0":
+        return False
+    return importlib.util.find_spec("triton") is not None
+
+
+def _gptq_kernel(w, hinv, scale, zero, perm, static: bool, group: int, fmt: WeightFormat, block: int):
+    """The loop of :func:`gptq_quantize`, one Triton launch per block of columns. Without static
+    groups the block is at most one group, so each group's scale is fitted at the start of a
+    block, from the weights as the blocks before it left them (what the torch loop does)."""
+    from presso.runtime.triton.gptq import quantize_columns
+
+    n, k = w.shape
+    width = block if static else min(block, group)
+    groups = (perm // group).to(torch.int32)
+    q = torch.empty_like(w)
+    for i1 in range(0, k, width):
+        i2 = min(i1 + width, k)
+        if not static and i1 % group == 0:
+            g = i1 // group
+            scale[:, g : g + 1], zero[:, g : g + 1] = _params(w[:, i1 : i1 + group], fmt, group)
+        err = quantize_columns(w[:, i1:i2], hinv[i1:i2, i1:i2], scale, zero, groups[i1:i2], fmt.levels, q[:, i1:i2])
+        w[:, i2:] -= err @ hinv[i1:i2, i2:]
+    return q

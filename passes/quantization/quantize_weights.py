@@ -22,7 +22,14 @@ from tqdm.auto import tqdm
 from presso.errors import ConfigError
 from presso.graph import Graph, replace_module
 from presso.pass_api import Context, Pass, PassConfig, PassResult
-from presso.passes.common.blocks import call_bytes, find_blocks, memory_in_use, peak_rss_bytes, walk_blocks
+from presso.passes.common.blocks import (
+    blocks_replayed,
+    call_bytes,
+    find_blocks,
+    memory_in_use,
+    peak_rss_bytes,
+    walk_blocks,
+)
 from presso.passes.common.modules import linear_weight, select_linears, without_tied
 from presso.passes.common.scale_groups import apply_scales, find_scale_groups
 from presso.passes.common.sensitivity import layer_errors, most_sensitive
@@ -169,14 +176,9 @@ def calibrate_and_quantize(
     alphas: dict[str, float] = {}
     inside: set[str] = set()
     blocks = [b for b, _ in find_blocks(graph.module)]
-    steps = tqdm(
-        walk_blocks(graph, batches),
-        desc=f"quantize_weights ({cfg.method})",
-        unit="block",
-        total=len(blocks) or 1,
-        leave=False,
-    )
-    seconds = []
+    seconds, finals = [], []
+    steps = tqdm(walk_blocks(graph, batches, finals), desc=f"quantize_weights ({cfg.method})", unit="block",
+                 total=len(blocks) or 1, leave=False)
     for step in steps:
         started = time.perf_counter()
         mine = {p: m for p, m in chosen.items() if p.startswith(step.path + ".")}
@@ -188,19 +190,23 @@ def calibrate_and_quantize(
         steps.set_postfix_str(memory_in_use(graph.device))
     # a resumed run skipped the blocks it had finished: their linears are done too
     rest = {p: m for p, m in chosen.items() if p not in inside and not any(p.startswith(b + ".") for b in blocks)}
-    if rest:
-
-        def run_model(collector):
-            for inputs in batches:
-                collector.new_batch()
-                graph.run(inputs)
-
-        _calibrate(graph, rest, run_model, groups, formats, cfg, memory, alphas)
+    if rest and finals:  # the head after the blocks: fed the walk's last outputs, on the device
+        with blocks_replayed(graph, blocks, finals[0], graph.device) as run_batch:
+            _calibrate(graph, rest, lambda c: _each_batch(c, run_batch, batches), groups, formats, cfg, memory,
+                       alphas)
+    elif rest:
+        _calibrate(graph, rest, lambda c: _each_batch(c, graph.run, batches), groups, formats, cfg, memory, alphas)
     memory["process_peak_rss_bytes"] = peak_rss_bytes()
     if graph.device.type == "cuda":
         memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(graph.device)
     return {"calibration_batches": len(batches), "awq_alpha": alphas, "calibration_memory": memory,
             "device": str(graph.device), "block_seconds": seconds}
+
+
+def _each_batch(collector: SharedInputStats, run: Callable, batches: list) -> None:
+    for inputs in batches:
+        collector.new_batch()
+        run(inputs)
 
 
 def _calibrate(

@@ -58,3 +58,14 @@ def test_other_options_do_not_resume_old_blocks(tmp_path, monkeypatch):
     presso.compile(model, [p], example_inputs=IDS, calibration=CALIBRATION, resume=tmp_path)
     assert len(calls) == 4 * PER_BLOCK + 1  # every block again
     assert len(list(tmp_path.iterdir())) == 1  # the stale pass folder was replaced
+
+
+def test_a_run_resumed_after_its_last_block_only_rounds_the_head(tmp_path, monkeypatch):
+    model = small_llama()
+    first = _compile(model, resume=tmp_path)(IDS).logits
+    calls = []
+    real = qw.gptq_quantize
+    monkeypatch.setattr(qw, "gptq_quantize", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    again = _compile(model, resume=tmp_path)(IDS).logits
+    assert len(calls) == 1  # lm_head, fed the saved outputs of the last block
+    assert torch.equal(again, first)
