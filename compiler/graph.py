@@ -57,8 +57,9 @@ class Graph:
     def exported(self) -> torch.export.ExportedProgram:
         if self._exported is None:
             partly_loaded = self.weights is not None and bool(self.weights.pending())
+            inputs = _on_meta(self.example_inputs) if partly_loaded else self.example_inputs
             with self.weights.all_meta() if partly_loaded else contextlib.nullcontext():
-                self._exported, self.dynamic = export_program(self.traceable(), self.example_inputs, self.dynamic)
+                self._exported, self.dynamic = export_program(self.traceable(), inputs, self.dynamic)
             self._traced_on_meta = partly_loaded  # its constants are placeholders: analysis only
             annotate(self._exported)
         return self._exported
@@ -123,6 +124,11 @@ class Graph:
     def run(self, inputs: Inputs | None = None, module: nn.Module | None = None) -> tuple[torch.Tensor, ...]:
         """:meth:`forward` without gradients."""
         return self.forward(inputs, module)
+
+
+def _on_meta(inputs: Inputs) -> Inputs:
+    meta = lambda t: torch.empty_like(t, device="meta")  # noqa: E731
+    return Inputs(tuple(map(meta, inputs.args)), {k: meta(v) for k, v in inputs.kwargs.items()})
 
 
 def export_program(traceable: nn.Module, inputs: Inputs, dynamic: bool) -> tuple[Any, bool]:

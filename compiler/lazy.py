@@ -118,22 +118,27 @@ class LazyWeights:
 
     @contextlib.contextmanager
     def all_meta(self) -> Iterator[None]:
-        """Inside, every parameter is on the meta device: a trace of a partly loaded model sees
-        one device (it reads shapes and dtypes only)."""
-        swapped: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
+        """Inside, every parameter and buffer is on the meta device: a trace of a partly loaded
+        model (with meta inputs) sees one device; it reads shapes and dtypes only."""
+        swapped: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         holders = []
+
+        def to_meta(t: torch.Tensor) -> torch.Tensor:
+            meta = torch.empty_like(t, device="meta")
+            return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+
         for module in self.root.modules():
-            for attr, p in module._parameters.items():
-                if p is not None and not p.is_meta:
-                    real, meta = swapped.setdefault(id(p), (p, nn.Parameter(torch.empty_like(p, device="meta"),
-                                                                              requires_grad=p.requires_grad)))
-                    module._parameters[attr] = meta
-                    holders.append((module, attr, real))
+            for table in (module._parameters, module._buffers):
+                for attr, t in table.items():
+                    if t is not None and not t.is_meta:
+                        real, meta = swapped.setdefault(id(t), (t, to_meta(t)))
+                        table[attr] = meta
+                        holders.append((table, attr, real))
         try:
             yield
         finally:
-            for module, attr, real in holders:
-                module._parameters[attr] = real
+            for table, attr, real in holders:
+                table[attr] = real
 
     def load_outside_blocks(self) -> None:
         """Read for good everything outside the blocks (embeddings, final norm, head)."""

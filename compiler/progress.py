@@ -22,34 +22,37 @@ from torch import nn
 
 from presso.errors import ExportError
 
-CALLS = "next-inputs.pt"
-
-
 class PassProgress:
-    """The saved blocks of one pass run."""
+    """The saved blocks of one pass run: ``block-K.pt`` (block K as the pass left it) and
+    ``inputs-K.pt`` (the calibration inputs of block K, that is block K-1's outputs)."""
 
     def __init__(self, folder: Path):
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
 
     def finished(self) -> int:
-        """Index of the last block saved in an unbroken run from block 0 (-1: none)."""
+        """The last block of an unbroken run from block 0 whose successor's inputs are saved
+        too (-1: none): a run stopped between the two files redoes that block."""
         last = -1
         while (self.folder / _block_file(last + 1)).is_file():
             last += 1
-        return last if last < 0 or (self.folder / CALLS).is_file() else -1
+        while last >= 0 and not (self.folder / _inputs_file(last + 1)).is_file():
+            last -= 1
+        return last
 
     def load(self, index: int, device: torch.device) -> nn.Module:
         return torch.load(self.folder / _block_file(index), map_location="cpu", weights_only=False).to(device)
 
     def load_calls(self, device: torch.device) -> list:
-        return torch.load(self.folder / CALLS, map_location=device, weights_only=False)
+        """The inputs of the first block not finished."""
+        return torch.load(self.folder / _inputs_file(self.finished() + 1), map_location=device, weights_only=False)
 
     def save(self, index: int, block: nn.Module, next_calls: list) -> None:
-        """The block first, then the inputs of the next one: the block counts as done only when both
-        are in place (``finished`` requires the inputs file)."""
-        _atomic_save(next_calls, self.folder / CALLS)
+        """Block ``index``, then the inputs of the next block; the inputs of block ``index`` go
+        last, so a stop anywhere leaves a consistent earlier state."""
         _atomic_save(block, self.folder / _block_file(index))
+        _atomic_save(next_calls, self.folder / _inputs_file(index + 1))
+        (self.folder / _inputs_file(index)).unlink(missing_ok=True)
 
 
 class Progress:
@@ -77,6 +80,10 @@ class Progress:
 
 def _block_file(index: int) -> str:
     return f"block-{index:04d}.pt"
+
+
+def _inputs_file(index: int) -> str:
+    return f"inputs-{index:04d}.pt"
 
 
 def _atomic_save(obj: Any, target: Path) -> None:

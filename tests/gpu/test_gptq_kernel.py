@@ -29,7 +29,7 @@ def test_the_kernel_rounds_as_the_torch_loop(n, k, group, symmetric, act_order, 
     monkeypatch.setenv("PRESSO_GPTQ_KERNEL", "1")
     assert gptq._column_kernel(w)
     got = gptq.gptq_quantize(w, h, fmt, act_order=act_order)
-    fixed = gptq.gptq_quantize(w, h, fmt, fixed=gptq.group_level(got))  # the re-rounding of refit
+    fixed = gptq.gptq_quantize(w, h, fmt, act_order=act_order, fixed=gptq.group_level(got))  # as refit re-rounds
     # float32 in another order (fused multiply-adds): a code may flip where a value sits on a tie
     assert (ref.codes == got.codes).float().mean() > 0.995
     assert torch.allclose(ref.scales.float(), got.scales.float(), rtol=1e-2, atol=1e-6)

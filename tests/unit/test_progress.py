@@ -69,3 +69,61 @@ def test_a_run_resumed_after_its_last_block_only_rounds_the_head(tmp_path, monke
     again = _compile(model, resume=tmp_path)(IDS).logits
     assert len(calls) == 1  # lm_head, fed the saved outputs of the last block
     assert torch.equal(again, first)
+
+
+KILLED_RUN = """
+import os, signal, sys
+import torch
+sys.path.insert(0, {root!r})
+import presso
+import presso.passes.quantization.quantize_weights as qw
+from presso.progress import PassProgress
+from tests.models import small_llama
+from tests.unit.test_progress import CALIBRATION, IDS, _compile
+
+kill_at = os.environ.get("KILL_AT")  # "block:K" after block K is saved, "between:K" inside its save
+save, atomic = PassProgress.save, __import__("presso.progress", fromlist=["_atomic_save"])._atomic_save
+
+def dying_save(self, index, block, calls):
+    if kill_at == f"between:{{index}}":  # the block is written, its successor's inputs are not
+        atomic(block, self.folder / f"block-{{index:04d}}.pt")
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, index, block, calls)
+    if kill_at == f"block:{{index}}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+PassProgress.save = dying_save
+rounded = []
+real = qw.gptq_quantize
+qw.gptq_quantize = lambda *a, **k: (rounded.append(1), real(*a, **k))[1]
+logits = _compile(small_llama(), resume=sys.argv[1])(IDS).logits
+torch.save({{"logits": logits, "rounded": len(rounded)}}, sys.argv[2])
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kill_at,redone", [("block:1", 2), ("between:2", 2)])
+def test_a_killed_process_restarts_after_its_last_finished_block(tmp_path, kill_at, redone):
+    """The process is killed (SIGKILL, no clean-up) after block 1 is saved, or between writing
+    block 2 and the inputs of block 3; started again, it redoes only what was not finished."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = tmp_path / "run.py"
+    script.write_text(KILLED_RUN.format(root=str(root)))
+    progress, out = tmp_path / "progress", tmp_path / "out.pt"
+    env = {**os.environ, "KILL_AT": kill_at}
+    killed = subprocess.run([sys.executable, str(script), str(progress), str(out)], env=env, cwd=root,
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not out.exists() and not list(progress.glob("*/*.partial"))
+    env.pop("KILL_AT")
+    resumed = subprocess.run([sys.executable, str(script), str(progress), str(out)], env=env, cwd=root,
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    result = torch.load(out)
+    assert result["rounded"] == redone * PER_BLOCK + 1  # the blocks not finished, then lm_head
+    assert torch.equal(result["logits"], _compile(small_llama())(IDS).logits)
