@@ -22,6 +22,7 @@ from torch import nn
 
 from presso.errors import ExportError
 
+
 class PassProgress:
     """The saved blocks of one pass run: ``block-K.pt`` (block K as the pass left it) and
     ``inputs-K.pt`` (the calibration inputs of block K, that is block K-1's outputs)."""
