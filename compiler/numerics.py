@@ -11,7 +11,7 @@ def rel_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float
     """Worst relative L2 error over outputs: ``||got - ref|| / ||ref||`` (0 when both are 0)."""
     worst = 0.0
     for g, r in zip(got, ref, strict=True):
-        g, r = torch.as_tensor(g).double(), torch.as_tensor(r).double()
+        g, r = torch.as_tensor(g).double().cpu(), torch.as_tensor(r).double().cpu()
         denom = r.norm().item()
         num = (g - r).norm().item()
         worst = max(worst, num / denom if denom > 0 else num)
@@ -19,7 +19,7 @@ def rel_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float
 
 
 def max_abs_error(got: Sequence[torch.Tensor], ref: Sequence[torch.Tensor]) -> float:
-    return max(((torch.as_tensor(g).double() - torch.as_tensor(r).double()).abs().max().item()
+    return max(((torch.as_tensor(g).double().cpu() - torch.as_tensor(r).double().cpu()).abs().max().item()
                 for g, r in zip(got, ref, strict=True)), default=0.0)
 
 

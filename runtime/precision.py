@@ -17,25 +17,33 @@ from torch import nn
 
 from presso.graph import Graph
 from presso.numerics import float_dtype, rel_error
+from presso.signature import Inputs
 
 LOWERED_DTYPE = torch.float32
 
 
+HOST = torch.device("cpu")
+
+
 def needs_cast(module: nn.Module) -> bool:
-    return any(t.is_floating_point() and t.dtype != LOWERED_DTYPE for t in _float_tensors(module))
+    return (any(t.is_floating_point() and t.dtype != LOWERED_DTYPE for t in _float_tensors(module))
+            or any(t.device != HOST for t in (*module.parameters(), *module.buffers())))
 
 
 def float32_view(module: nn.Module) -> nn.Module:
-    """``module`` itself when it is all float32, else a copy with its other float tensors cast."""
+    """``module`` itself when it is all float32 on the host, else a copy with its other float
+    tensors cast (and, for a model on a GPU, every tensor on the host: ONNX Runtime's CPU
+    kernels are what the file is checked in)."""
     if not needs_cast(module):
         return module
     memo: dict[int, object] = {}
+    cast_ids = {id(t) for t in _float_tensors(module) if t.dtype != LOWERED_DTYPE}
     for t in (*module.parameters(), *module.buffers()):
-        memo[id(t)] = t  # shared, not copied
-    for t in _float_tensors(module):
-        if t.dtype != LOWERED_DTYPE:
-            cast = t.detach().to(LOWERED_DTYPE)
-            memo[id(t)] = nn.Parameter(cast, requires_grad=False) if isinstance(t, nn.Parameter) else cast
+        if id(t) not in cast_ids and t.device == HOST:
+            memo[id(t)] = t  # shared, not copied
+            continue
+        moved = t.detach().to(HOST, LOWERED_DTYPE if id(t) in cast_ids else t.dtype)
+        memo[id(t)] = nn.Parameter(moved, requires_grad=False) if isinstance(t, nn.Parameter) else moved
     view = copy.deepcopy(module, memo)
     for m in view.modules():
         if hasattr(m, "out_dtype"):
@@ -48,7 +56,9 @@ def lowering_graph(graph: Graph) -> Graph:
     view = float32_view(graph.module)
     if view is graph.module:
         return graph
-    return Graph(view, graph.spec, graph.example_inputs, graph.dynamic)
+    inputs = graph.example_inputs
+    host = Inputs(tuple(t.to(HOST) for t in inputs.args), {k: v.to(HOST) for k, v in inputs.kwargs.items()})
+    return Graph(view, graph.spec, host, graph.dynamic)
 
 
 def precision_report(graph: Graph, lowered: Graph) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import resource
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from presso.graph import Graph, replace_module
-from presso.passes.common.capture import calls_of, inputs_of
+from presso.passes.common.capture import before_calls, calls_of, inputs_of
 from presso.passes.common.modules import is_linear
 from presso.signature import Inputs
 
@@ -151,13 +151,15 @@ def _block_output(block: nn.Module, call: Call) -> tuple[torch.Tensor, bool]:
 
 
 @contextlib.contextmanager
-def blocks_replayed(graph: Graph, paths: list[str], finals: BlockOutputs, device: torch.device
-                    ) -> Iterator[Callable]:
+def blocks_replayed(graph: Graph, paths: list[str], finals: BlockOutputs, device: torch.device,
+                    stop_after: Iterable[nn.Module] = ()) -> Iterator[Callable]:
     """Inside, a forward run skips the blocks (each hands its hidden states on; the last returns
     what the walk left for the batch, in batch order) and everything outside the blocks
     (embeddings, final norm, head) sits on ``device``: the modules after the blocks calibrate on
     the device without running the model again. ``paths``: the blocks the walk went through.
-    Yields ``run(inputs)``, which runs one batch."""
+    Yields ``run(inputs)``, which runs one batch and ends it once every module of ``stop_after``
+    has been called (hooks registered before ``run`` still see their inputs): a head of a
+    128k vocabulary need not compute 128k logits a token to be calibrated."""
     blocks = [graph.module.get_submodule(p) for p in paths]
     inside = {id(m) for b in blocks for m in b.modules()}
     if graph.weights is not None:
@@ -183,8 +185,21 @@ def blocks_replayed(graph: Graph, paths: list[str], finals: BlockOutputs, device
     outside(device)
     move = lambda t: t.to(device) if isinstance(t, torch.Tensor) else t  # noqa: E731
 
+    watched = list(stop_after)
+
     def run(inputs: Inputs) -> None:
-        graph.run(Inputs(tree_map(move, inputs.args), tree_map(move, dict(inputs.kwargs))))
+        seen: set[int] = set()
+
+        def reached(module, _args):
+            seen.add(id(module))
+            if len(seen) == len(watched):
+                raise _Stop
+
+        with before_calls(watched, reached):
+            try:
+                graph.run(Inputs(tree_map(move, inputs.args), tree_map(move, dict(inputs.kwargs))))
+            except _Stop:
+                pass
 
     try:
         yield run

@@ -51,6 +51,11 @@ def output_grads_of(modules: Mapping[str, nn.Module], record: Record) -> context
     return _hooked([m.register_forward_hook(watch(p)) for p, m in modules.items()])
 
 
+def before_calls(modules, hook: Callable[[nn.Module, tuple], None]) -> contextlib.AbstractContextManager:
+    """``hook(module, args)`` before each call of each of ``modules``; it may raise to end the run."""
+    return _hooked([m.register_forward_pre_hook(hook) for m in modules])
+
+
 def calls_of(module: nn.Module, record: Callable[[tuple, dict], None]) -> contextlib.AbstractContextManager:
     """``record(args, kwargs)`` with every call of ``module``, before it runs."""
     return _hooked([module.register_forward_pre_hook(lambda _m, args, kwargs: record(args, kwargs),

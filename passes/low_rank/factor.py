@@ -63,7 +63,8 @@ def input_transform(method: str, n: int, gram: torch.Tensor | None, sq: torch.Te
         scale = (sq.double() / max(rows, 1)).sqrt().clamp(min=1e-6) ** ASVD_ALPHA
         return torch.diag(scale), torch.diag(1.0 / scale)
     lower = damped_cholesky(gram, PD_DAMP)
-    return lower, torch.linalg.solve_triangular(lower, torch.eye(n, dtype=lower.dtype), upper=False)
+    eye = torch.eye(n, dtype=lower.dtype, device=lower.device)
+    return lower, torch.linalg.solve_triangular(lower, eye, upper=False)
 
 
 def spectrum(weight: torch.Tensor, m: torch.Tensor | None, m_inv: torch.Tensor | None,
@@ -75,9 +76,11 @@ def spectrum(weight: torch.Tensor, m: torch.Tensor | None, m_inv: torch.Tensor |
     w = w if m is None else w @ m
     out_inv = None
     if out_grams is not None:
-        r = torch.block_diag(*(damped_cholesky(g, OUT_DAMP) for g in out_grams))  # each damped by its own scale
+        # each damped by its own scale; statistics of the whole model may sit on another device
+        r = torch.block_diag(*(damped_cholesky(g.to(w.device), OUT_DAMP) for g in out_grams))
         w = r.t() @ w
-        out_inv = torch.linalg.solve_triangular(r.t(), torch.eye(r.shape[0], dtype=r.dtype), upper=True)
+        eye = torch.eye(r.shape[0], dtype=r.dtype, device=r.device)
+        out_inv = torch.linalg.solve_triangular(r.t(), eye, upper=True)
     u, s, vh = torch.linalg.svd(w, full_matrices=False)
     return Spectrum(u, s, vh, m_inv, out_inv)
 

@@ -37,7 +37,7 @@ from presso.passes.common.stats import SharedInputStats
 from presso.passes.quantization import awq
 from presso.passes.quantization.gptq import gptq_quantize, group_level, refit_scales
 from presso.runtime.nbits import PackedWeight, WeightOnlyEmbedding, WeightOnlyLinear
-from presso.runtime.quant import WeightFormat, quantize_weight
+from presso.runtime.quant import QuantizedWeight, WeightFormat, quantize_weight
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,7 +191,7 @@ def calibrate_and_quantize(
     # a resumed run skipped the blocks it had finished: their linears are done too
     rest = {p: m for p, m in chosen.items() if p not in inside and not any(p.startswith(b + ".") for b in blocks)}
     if rest and finals:  # the head after the blocks: fed the walk's last outputs, on the device
-        with blocks_replayed(graph, blocks, finals[0], graph.device) as run_batch:
+        with blocks_replayed(graph, blocks, finals[0], graph.device, stop_after=rest.values()) as run_batch:
             _calibrate(graph, rest, lambda c: _each_batch(c, run_batch, batches), groups, formats, cfg, memory,
                        alphas)
     elif rest:
@@ -230,19 +230,39 @@ def _calibrate(
     for path, module in linears.items():
         weight, bias = linear_weight(module)
         h = stats[path].hessian
-        if cfg.method in ("gptq", "awq+gptq"):
-            q = gptq_quantize(weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order)
-        else:
-            q = awq.clip_quantize(weight.float(), h, formats[path])
-        for round_ in range(cfg.refit):
-            if round_ and cfg.method != "awq":  # re-round with error feedback to the refitted scales
-                q = gptq_quantize(
-                    weight, h, formats[path], damp=cfg.damp, act_order=cfg.act_order, fixed=group_level(q)
-                )
-            q = refit_scales(weight, q, h)
+        q = in_row_chunks(lambda w: _round(w, h, formats[path], cfg), weight)
         replace_module(graph.module, path, WeightOnlyLinear(PackedWeight(q), bias))
         del weight, bias
         graph.release(module)
+
+
+def _round(weight: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, cfg: QuantizeWeightsConfig) -> QuantizedWeight:
+    """GPTQ or AWQ's clipped rounding of ``weight`` against Hessian ``h``, then the scale refits."""
+    if cfg.method in ("gptq", "awq+gptq"):
+        q = gptq_quantize(weight, h, fmt, damp=cfg.damp, act_order=cfg.act_order)
+    else:
+        q = awq.clip_quantize(weight.float(), h, fmt)
+    for round_ in range(cfg.refit):
+        if round_ and cfg.method != "awq":  # re-round with error feedback to the refitted scales
+            q = gptq_quantize(weight, h, fmt, damp=cfg.damp, act_order=cfg.act_order, fixed=group_level(q))
+        q = refit_scales(weight, q, h)
+    return q
+
+
+ROW_CHUNK_BYTES = 1 << 29  # float32 rows rounded at once; GPTQ and the refit hold several copies
+
+
+def in_row_chunks(round_rows: Callable[[torch.Tensor], QuantizedWeight], weight: torch.Tensor) -> QuantizedWeight:
+    """``round_rows`` over slices of rows: every step (scales, error feedback, refit) is per
+    row given the Hessian, so the result is the same, and a 128k-row head holds a slice's
+    copies at a time, not the whole matrix's (about 12 GB for an 8B model's head)."""
+    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
+    if weight.shape[0] <= rows:
+        return round_rows(weight)
+    parts = [round_rows(weight[i : i + rows]) for i in range(0, weight.shape[0], rows)]
+    first = parts[0]
+    return QuantizedWeight(torch.cat([p.codes for p in parts]), torch.cat([p.scales for p in parts]),
+                           torch.cat([p.zeros for p in parts]), first.fmt, first.in_features)
 
 
 def _awq_scales(

@@ -1,6 +1,8 @@
 """The block runner: blocks walked one at a time, and the head calibrated on the walk's outputs."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 import presso
@@ -24,3 +26,44 @@ def test_the_head_calibrates_on_the_walks_last_outputs_as_on_a_run_of_the_whole_
     assert type(replayed.graph.module.lm_head).__name__ == "WeightOnlyLinear"
     torch.testing.assert_close(replayed(IDS).logits, rerun(IDS).logits, rtol=1e-5, atol=1e-5)
     assert "forward" not in vars(replayed.graph.module.model.layers[-1])  # the blocks run again
+
+
+def test_rows_rounded_in_slices_give_the_same_weight(monkeypatch):
+    """GPTQ and the scale refit are per row given the Hessian: a tall head rounded a slice of
+    rows at a time (to bound memory) gets exactly the codes and scales of one pass."""
+    from presso.runtime.quant import WeightFormat
+
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(300, 64, generator=gen), torch.randn(512, 64, generator=gen)
+    h = x.t() @ x / 512
+    cfg = presso.make_pass("quantize_weights", method="gptq", group_size=32).config
+    fmt = WeightFormat(4, 32, True, 16)
+    whole = qw.in_row_chunks(lambda w: qw._round(w, h, fmt, cfg), weight)
+    monkeypatch.setattr(qw, "ROW_CHUNK_BYTES", 64 * 4 * 70)  # slices of 70 rows, the last of 20
+    sliced = qw.in_row_chunks(lambda w: qw._round(w, h, fmt, cfg), weight)
+    assert torch.equal(whole.codes, sliced.codes) and torch.equal(whole.scales, sliced.scales)
+
+
+def test_the_heads_calibration_run_stops_before_the_logits(monkeypatch):
+    """Only lm_head's input is needed: the run ends in its pre-hook, so the logits (128k a token
+    for a Llama-3 vocabulary) are never computed during calibration."""
+    from presso.passes.common import blocks
+
+    model = small_llama()
+    stopped = []
+    replay = blocks.blocks_replayed
+
+    def watching(graph, paths, finals, device, stop_after=()):
+        heads = list(stop_after)
+        head_calls = []
+        with replay(graph, paths, finals, device, stop_after=heads) as run:
+            handles = [m.register_forward_hook(lambda *_: head_calls.append(1)) for m in heads]
+            yield run
+            for handle in handles:
+                handle.remove()
+        stopped.append((len(heads), len(head_calls)))
+
+    monkeypatch.setattr(qw, "blocks_replayed", contextlib.contextmanager(watching))
+    presso.compile(model, [presso.make_pass("quantize_weights", method="gptq")], example_inputs=IDS,
+                   calibration=CALIBRATION, device="cpu")
+    assert stopped == [(1, 0)]  # lm_head watched, its forward never completed
