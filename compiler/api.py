@@ -13,7 +13,7 @@ from torch import nn
 from presso.compiled import CompiledModel
 from presso.errors import ConfigError, ExportError, PressoError, TraceError
 from presso.graph import Graph, user_frame
-from presso.lazy import LazyWeights, lazy_copy
+from presso.lazy import LazyWeights, lazy_copy, return_freed_memory
 from presso.manager import PassManager
 from presso.numerics import (
     FLOOR_FACTOR,
@@ -97,6 +97,7 @@ def compile(model: nn.Module | str | os.PathLike, passes: Sequence[Pass | str] =
     ctx = Context(inputs, calib, facts={"calibration"} if calib else set())
     manager = PassManager(pass_list, verify=verify)
     graph = manager.run(graph, ctx)
+    return_freed_memory()  # the float blocks read and dropped along the way
     graph.materialize(why=f"lowering to {backend!r}")  # what no pass read yet (an uncompressed model)
     run = lower(graph)
     report = _report(model, graph, manager, backend, before, run, start)

@@ -199,3 +199,14 @@ def available_memory() -> int | None:
     except OSError:
         return None
     return None
+
+
+def return_freed_memory() -> None:
+    """Hand memory that Python and torch freed back to the system (glibc keeps freed heap pages
+    of a block-by-block run: 0.6 GB of a 1B-shaped int4 compile); a no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -12,6 +12,7 @@ gets 1e-6 relative noise (see :func:`presso.numerics.perturbed`).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,75 +30,112 @@ EXPORT_TOLERANCE = 1e-2
 def verify_file(graph: Graph, file: Path, decoder: dict[str, Any] | None, tolerance: float = EXPORT_TOLERANCE
                 ) -> dict[str, Any]:
     """Relative errors of the file against ``graph.module``; an ExportError above what is allowed."""
-    from presso.runtime.ort_model import session
-
-    ort_session = session(file, ["CPUExecutionProvider"], lean=True)  # the check needs no speed
-    run = _decoder_runs(graph, ort_session, decoder) if decoder else _plain_runs(graph, ort_session)
-    want = run("torch")
-    got = run("onnxruntime")
-    errors = {name: rel_error([got[name]], [want[name]]) for name in want}
-    floors = dict.fromkeys(want, 0.0)
-    if not all(err <= tolerance for err in errors.values()):  # only then is the noise floor worth a run
-        with perturbed(graph.called_modules().values()) as noise:
-            noisy = run("torch", noise.reset)
-        floors = {name: rel_error([noisy[name]], [want[name]]) for name in want}
-    checks = {name: {"rel_error": errors[name], "noise_floor": floors[name],
-                     "allowed": allowed_error(tolerance, floors[name])} for name in want}
-    bad = {n: c for n, c in checks.items() if not np.isfinite(c["rel_error"]) or c["rel_error"] > c["allowed"]}
-    if bad:
-        detail = ", ".join(f"{n} {c['rel_error']:.3g} (allowed {c['allowed']:.3g})" for n, c in bad.items())
-        raise ExportError(f"the exported ONNX file disagrees with the compiled model: {detail}; nothing was written",
-                          hint="a lowering is wrong for this model: report it; compile(..., backend='torch') "
-                               "still runs the compressed model in PyTorch")
-    return {"checked_on": list(checks), "rel_error": max(c["rel_error"] for c in checks.values()),
-            "tolerance": max(c["allowed"] for c in checks.values()), "checks": checks}
+    check = FileCheck(file, decoder, tolerance)
+    check.expect(graph)
+    return check.verify(lambda: graph)
 
 
-def _plain_runs(graph: Graph, ort_session):
-    names = [i.name for i in ort_session.get_inputs()]
-    tensors = graph.example_inputs.tensors
+class FileCheck:
+    """The check in two steps, so that what only the torch side needs (a float32 view of a
+    half-precision model) is freed before ONNX Runtime loads the file: :meth:`expect` runs the
+    model, :meth:`verify` runs the file and compares."""
 
-    def run(backend: str, reset=None) -> dict[str, torch.Tensor]:
-        if backend == "torch":
-            if reset:
-                reset()
-            return {"example inputs": torch.cat([o.detach().reshape(-1).double() for o in graph.run()])}
-        feed = {n: t.detach().cpu().numpy() for n, t in zip(graph.spec.input_names, tensors) if n in names}
-        outs = ort_session.run(None, feed)
-        return {"example inputs": torch.cat([torch.from_numpy(np.asarray(o)).reshape(-1).double() for o in outs])}
-    return run
+    def __init__(self, file: Path, decoder: dict[str, Any] | None, tolerance: float = EXPORT_TOLERANCE):
+        self.file, self.tolerance = file, tolerance
+        self.runs = _DecoderRuns(decoder) if decoder else _PlainRuns()
+        self.want: dict[str, torch.Tensor] = {}
+
+    def expect(self, graph: Graph) -> None:
+        self.want = self.runs.torch(graph)
+
+    def verify(self, rebuild: Callable[[], Graph]) -> dict[str, Any]:
+        """``rebuild()`` gives the model again, asked for only when a noise floor is needed."""
+        from presso.runtime.ort_model import session
+
+        want = self.want
+        got = self.runs.onnxruntime(session(self.file, ["CPUExecutionProvider"], lean=True))
+        errors = {name: rel_error([got[name]], [want[name]]) for name in want}
+        floors = dict.fromkeys(want, 0.0)
+        if not all(err <= self.tolerance for err in errors.values()):  # only then is a noise floor worth a run
+            model = rebuild()
+            with perturbed(model.called_modules().values()) as noise:
+                noisy = self.runs.torch(model, noise.reset)
+            floors = {name: rel_error([noisy[name]], [want[name]]) for name in want}
+        checks = {name: {"rel_error": errors[name], "noise_floor": floors[name],
+                         "allowed": allowed_error(self.tolerance, floors[name])} for name in want}
+        bad = {n: c for n, c in checks.items() if not np.isfinite(c["rel_error"]) or c["rel_error"] > c["allowed"]}
+        if bad:
+            detail = ", ".join(f"{n} {c['rel_error']:.3g} (allowed {c['allowed']:.3g})" for n, c in bad.items())
+            raise ExportError(f"the exported ONNX file disagrees with the compiled model: {detail}; nothing was "
+                              "written", hint="a lowering is wrong for this model: report it; compile(..., "
+                                              "backend='torch') still runs the compressed model in PyTorch")
+        return {"checked_on": list(checks), "rel_error": max(c["rel_error"] for c in checks.values()),
+                "tolerance": max(c["allowed"] for c in checks.values()), "checks": checks}
 
 
-def _decoder_runs(graph: Graph, ort_session, layout_dict: dict[str, Any]):
-    from presso.runtime.decoder import CacheLayout, DecoderWithCache, OrtDecoder
+class _PlainRuns:
+    """The example inputs, once through the model and once through the file."""
 
-    layout = CacheLayout(**layout_dict)
-    ids = next((t for t in graph.example_inputs.tensors if not t.is_floating_point() and t.dim() == 2), None)
-    if ids is None:
-        raise ExportError("cannot check a KV-cache export without token ids among the example inputs",
-                          hint="give example_inputs as token ids (batch, sequence)")
-    ids = ids.cpu().numpy()
-    ort_decoder = OrtDecoder(ort_session, layout, {}, Path())
-    reference = DecoderWithCache(graph.module, layout).eval()
-    chosen: dict[str, np.ndarray] = {}
-
-    @torch.no_grad()
-    def torch_step(new: np.ndarray, past: list[np.ndarray], reset) -> tuple[torch.Tensor, list[np.ndarray]]:
+    def torch(self, graph: Graph, reset=None) -> dict[str, torch.Tensor]:
         if reset:
             reset()
-        feed = ort_decoder.feed(new, past)
-        logits, *present = reference(*(torch.from_numpy(feed[n]) for n in layout.input_names))
-        return logits, [p.numpy() for p in present]
+        self.inputs = dict(zip(graph.spec.input_names, graph.example_inputs.tensors))
+        return {"example inputs": torch.cat([o.detach().reshape(-1).double() for o in graph.run()])}
 
-    def ort_step(new, past, _reset):
-        logits, present = ort_decoder.step(new, past)
-        return torch.from_numpy(logits), present
+    def onnxruntime(self, ort_session) -> dict[str, torch.Tensor]:
+        names = {i.name for i in ort_session.get_inputs()}
+        feed = {n: t.detach().cpu().numpy() for n, t in self.inputs.items() if n in names}
+        outs = ort_session.run(None, feed)
+        return {"example inputs": torch.cat([torch.from_numpy(np.asarray(o)).reshape(-1).double() for o in outs])}
 
-    def run(backend: str, reset=None) -> dict[str, torch.Tensor]:
-        step = torch_step if backend == "torch" else ort_step
-        prefill, past = step(ids, ort_decoder.empty_cache(ids.shape[0]), reset)
-        # one next token for every run: the one the unperturbed torch model picks
-        nxt = chosen.setdefault("next", prefill[:, -1].argmax(-1, keepdim=True).numpy())
-        decode, _ = step(nxt, past, reset)
+
+class _DecoderRuns:
+    """A prefill of the example tokens, then one decode step against the cache it returned; the
+    decode token is the one the unperturbed torch model picks, for every run."""
+
+    def __init__(self, layout_dict: dict[str, Any]):
+        from presso.runtime.decoder import CacheLayout, OrtDecoder
+
+        self.layout = CacheLayout(**layout_dict)
+        self.decoder = OrtDecoder(None, self.layout, {}, Path())  # feeds and caches; a session to run
+        self.ids: np.ndarray | None = None
+        self.next: np.ndarray | None = None
+
+    def _ids(self, graph: Graph) -> np.ndarray:
+        ids = next((t for t in graph.example_inputs.tensors if not t.is_floating_point() and t.dim() == 2), None)
+        if ids is None:
+            raise ExportError("cannot check a KV-cache export without token ids among the example inputs",
+                              hint="give example_inputs as token ids (batch, sequence)")
+        return ids.cpu().numpy()
+
+    @torch.no_grad()
+    def torch(self, graph: Graph, reset=None) -> dict[str, torch.Tensor]:
+        from presso.runtime.decoder import DecoderWithCache
+
+        self.ids = self._ids(graph)
+        reference = DecoderWithCache(graph.module, self.layout).eval()
+
+        def step(new, past):
+            if reset:
+                reset()
+            feed = self.decoder.feed(new, past)
+            logits, *present = reference(*(torch.from_numpy(feed[n]) for n in self.layout.input_names))
+            return logits, [p.numpy() for p in present]
+
+        return self._two_steps(step)
+
+    def onnxruntime(self, ort_session) -> dict[str, torch.Tensor]:
+        self.decoder.session = ort_session
+
+        def step(new, past):
+            logits, present = self.decoder.step(new, past)
+            return torch.from_numpy(logits), present
+
+        return self._two_steps(step)
+
+    def _two_steps(self, step) -> dict[str, torch.Tensor]:
+        prefill, past = step(self.ids, self.decoder.empty_cache(self.ids.shape[0]))
+        if self.next is None:
+            self.next = prefill[:, -1].argmax(-1, keepdim=True).numpy()
+        decode, _ = step(self.next, past)
         return {"prefill": prefill, "decode step": decode}
-    return run
