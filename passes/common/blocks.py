@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import resource
-from collections.abc import Callable, Iterable, Iterator
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
 from presso.graph import Graph, replace_module
+from presso.passes.common.activations import CallStore, activation_budget, call_size
 from presso.passes.common.capture import before_calls, calls_of, inputs_of
 from presso.passes.common.modules import is_linear
 from presso.signature import Inputs
@@ -52,9 +56,10 @@ class Call:
 
 
 @torch.no_grad()
-def capture_calls(graph: Graph, block: nn.Module, batches: list[Inputs]) -> list[Call]:
-    """The arguments ``block`` receives for each calibration batch (the model stops there)."""
-    calls: list[Call] = []
+def capture_calls(graph: Graph, block: nn.Module, batches: list[Inputs], calls=None) -> list[Call]:
+    """The arguments ``block`` receives for each calibration batch (the model stops there),
+    appended to ``calls`` (a list, or a :class:`CallStore` that moves them to disk)."""
+    calls = [] if calls is None else calls
 
     def record(args, kwargs):
         calls.append(Call(args, kwargs))
@@ -95,8 +100,13 @@ class BlockStep:
 class BlockOutputs:
     """What the last block returned for each calibration batch, after the walk rewrote it."""
 
-    hidden: list[torch.Tensor]
+    calls: Sequence[Call]  # the inputs a next block would get (in memory or on disk)
     as_tuple: bool  # the blocks return ``(hidden, ...)`` rather than a tensor
+    on_release: Callable[[], None] | None = None  # removes their files, if the walk made some
+
+    def release(self) -> None:
+        if self.on_release:
+            self.on_release()
 
 
 def walk_blocks(graph: Graph, batches: list[Inputs], finals: list[BlockOutputs] | None = None
@@ -109,34 +119,67 @@ def walk_blocks(graph: Graph, batches: list[Inputs], finals: list[BlockOutputs] 
     device = graph.device
     progress = graph.progress.current if graph.progress is not None else None
     done = progress.finished() if progress else -1
+    spill = _Spill(progress, device, len(batches))
     if done >= 0:  # a run that stopped: its finished blocks come back from disk, not redone
         for index, (path, _) in enumerate(blocks[: done + 1]):
             replace_module(graph.module, path, progress.load(index, _home(graph.module)))
         blocks = [(path, graph.module.get_submodule(path)) for path, _ in blocks]
         calls = progress.load_calls(device)
-    else:
-        calls = capture_calls(graph, blocks[0][1], batches) if blocks else []
-    for index, (path, block) in enumerate(blocks):
-        if index <= done:
-            continue
-        graph.materialize(block)  # weights still on disk are read here, one block at a time
-        home = next((t.device for t in (*block.parameters(), *block.buffers())), device)
-        block.to(device)  # the block's work runs on the compute device, then the block goes home
-        calls = [c.to(device) for c in calls]
-        yield BlockStep(path, block, calls)
-        outs = [_block_output(block, c) for c in calls]
-        as_tuple = any(t for _, t in outs)
-        calls = [c.with_hidden(h) for c, (h, _) in zip(calls, outs)]
-        del outs
-        block.to(home)
-        if progress:
-            progress.save(index, block, calls)
-    if finals is not None and blocks and calls:
-        if index <= done:  # every block came back from disk: one call tells how blocks return
-            block = blocks[-1][1].to(device)
-            as_tuple = _block_output(block, calls[0])[1]
-            block.to(_home(graph.module))
-        finals.append(BlockOutputs([c.args[0] for c in calls], as_tuple))
+        if isinstance(calls, CallStore):
+            calls.device = device
+    try:
+        if done < 0:
+            calls = capture_calls(graph, blocks[0][1], batches, spill.store(-1)) if blocks else []
+        for index, (path, block) in enumerate(blocks):
+            if index <= done:
+                continue
+            graph.materialize(block)  # weights still on disk are read here, one block at a time
+            home = next((t.device for t in (*block.parameters(), *block.buffers())), device)
+            block.to(device)  # the block's work runs on the compute device, then the block goes home
+            if not getattr(calls, "on_disk", False):
+                calls = [c.to(device) for c in calls]
+            yield BlockStep(path, block, calls)
+            outputs = spill.store(index)
+            for c in calls:
+                hidden, as_tuple = _block_output(block, c)
+                outputs.append(c.with_hidden(hidden))
+            calls = outputs if outputs.on_disk else outputs.memory
+            block.to(home)
+            if progress:
+                progress.save(index, block, calls)
+        if finals is not None and blocks and len(calls):
+            if index <= done:  # every block came back from disk: one call tells how blocks return
+                block = blocks[-1][1].to(device)
+                as_tuple = _block_output(block, calls[0])[1]
+                block.to(_home(graph.module))
+            finals.append(BlockOutputs(calls, as_tuple, None if progress else spill.clean))
+    finally:
+        if progress is None and not finals:
+            spill.clean()
+
+
+class _Spill:
+    """Where a walk's calibration inputs go past the budget: two generations of files (a block
+    reads one while its outputs are written to the other), in the resume folder if there is one
+    (a resumed run reads its saved inputs from there), else in a temporary folder."""
+
+    def __init__(self, progress, device: torch.device, expected: int):
+        self.root = progress.folder / "activations" if progress else None
+        self.device, self.expected = device, expected
+        self.budget = activation_budget(device)
+        self._temp: str | None = None
+
+    def store(self, index: int) -> CallStore:
+        if self.root is None:
+            self._temp = self._temp or tempfile.mkdtemp(prefix="presso-activations-")
+            self.root = Path(self._temp)
+        folder = self.root / f"gen-{index % 2}"
+        shutil.rmtree(folder, ignore_errors=True)  # the inputs of two blocks back, no longer needed
+        return CallStore(folder, self.budget, self.device, self.expected)
+
+    def clean(self) -> None:
+        if self._temp:
+            shutil.rmtree(self._temp, ignore_errors=True)
 
 
 def _home(model: nn.Module) -> torch.device:
@@ -165,7 +208,7 @@ def blocks_replayed(graph: Graph, paths: list[str], finals: BlockOutputs, device
     if graph.weights is not None:
         graph.weights.load_outside_blocks()
     home = _home(graph.module)
-    queue = iter(finals.hidden)
+    queue = (c.args[0] for c in finals.calls)
     wrap = (lambda h: (h,)) if finals.as_tuple else (lambda h: h)
 
     def passthrough(*args, **kwargs):
@@ -245,6 +288,7 @@ def memory_in_use(device: torch.device) -> str:
     return text
 
 
-def call_bytes(calls: list[Call]) -> int:
-    return sum(t.numel() * t.element_size() for c in calls for t in (*c.args, *c.kwargs.values())
-               if isinstance(t, torch.Tensor))
+def call_bytes(calls: Sequence[Call]) -> int:
+    if isinstance(calls, CallStore):
+        return calls.nbytes
+    return sum(call_size(c) for c in calls)

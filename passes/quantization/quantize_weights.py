@@ -196,6 +196,8 @@ def calibrate_and_quantize(
                        alphas)
     elif rest:
         _calibrate(graph, rest, lambda c: _each_batch(c, graph.run, batches), groups, formats, cfg, memory, alphas)
+    for outputs in finals:
+        outputs.release()
     memory["process_peak_rss_bytes"] = peak_rss_bytes()
     if graph.device.type == "cuda":
         memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(graph.device)
