@@ -101,6 +101,7 @@ torch.save({{"logits": logits, "rounded": len(rounded)}}, sys.argv[2])
 """
 
 
+@pytest.mark.slow  # two fresh Python processes per case
 @pytest.mark.integration
 @pytest.mark.parametrize("kill_at,redone", [("block:1", 2), ("between:2", 2)])
 def test_a_killed_process_restarts_after_its_last_finished_block(tmp_path, kill_at, redone):

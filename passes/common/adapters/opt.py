@@ -60,5 +60,10 @@ class OPTAdapter(Adapter):
         module.num_key_value_heads = kv_heads
         module.num_key_value_groups = 1  # repeated here; the sdpa wrapper must not repeat again
 
+    def set_heads(self, att: Attention, heads: int, kv_heads: int) -> None:
+        super().set_heads(att, heads, kv_heads)
+        if type(att.module).__name__.startswith("SharedKV"):
+            att.module.num_key_value_groups = 1  # its forward repeats the shared heads itself
+
     def config_keys(self) -> dict[str, str]:
         return {"heads": "num_attention_heads"}
