@@ -6,7 +6,8 @@ set -u
 export PYTHONUNBUFFERED=1
 ROOT=${ROOT:-/tmp/presso-scale}
 LOG=${LOG:-/tmp/scale-8b.log}
-timeout 240 python3 -m pytest -p no:cacheprovider -n 0 -q -p no:logging --tb=short tests/gpu 2>&1 | tail -60
+timeout 240 python3 -m pytest -p no:cacheprovider -n 0 -q -p no:logging --tb=line \
+    tests/gpu/test_gptq_kernel.py tests/gpu/test_device_calibration.py 2>&1 | tail -30
 for cfg in "cuda 1" "cuda 0" "cpu 1"; do
     set -- $cfg
     echo "== GPTQ per block: device $1, Triton column loop $2"
