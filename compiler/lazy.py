@@ -210,3 +210,30 @@ def return_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+@contextlib.contextmanager
+def held_on_disk(module: nn.Module, folder, min_bytes: int = 0) -> Iterator[None]:
+    """Inside, ``module``'s tensors wait in a file under ``folder`` and their memory is free (each
+    tensor object stays, empty); after, they are read back into the same objects. For a step
+    that needs the memory but not the model (checking an exported file in ONNX Runtime).
+    Modules whose tensors hold fewer than ``min_bytes`` stay as they are."""
+    import gc
+    from pathlib import Path
+
+    tensors = list({id(t): t for t in (*module.parameters(), *module.buffers()) if not t.is_meta}.values())
+    if sum(t.numel() * t.element_size() for t in tensors) < max(min_bytes, 1):
+        yield
+        return
+    file = Path(folder) / "weights-held.pt"
+    torch.save([t.detach() for t in tensors], file)
+    for t in tensors:
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+    gc.collect()
+    return_freed_memory()
+    try:
+        yield
+    finally:
+        for t, saved in zip(tensors, torch.load(file, weights_only=True), strict=True):
+            t.data = saved.to(t.device)
+        file.unlink()

@@ -70,3 +70,36 @@ def test_a_quantized_model_has_a_noise_floor_far_above_a_float_one():
             floors[bool(passes)] = rel_error(graph.run(), base)
         assert rel_error(graph.run(), base) == 0.0  # the noise is gone after the block
     assert floors[False] < 1e-5 < floors[True]  # rounding decisions flip under 1e-6 of noise
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_a_large_model_waits_on_disk_while_its_file_is_checked(tmp_path, monkeypatch, request, broken):
+    """Past HOLD_ON_DISK_BYTES the compiled model's tensors are emptied while ONNX Runtime runs
+    the file (peak memory: the larger of the two), then read back: the model is unchanged, and
+    a wrong lowering is still caught."""
+    import presso.runtime.export as export
+    from presso.runtime.verify import FileCheck
+
+    if broken:
+        request.getfixturevalue("broken_lowering")
+    model, example = build("llama")
+    compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=example)
+    before = compiled(example).logits
+    tensors = [*compiled.graph.module.parameters(), *compiled.graph.module.buffers()]
+    held = []
+    run_file = FileCheck.run_file
+
+    def watched(self):
+        held.append(sum(t.numel() for t in tensors))
+        run_file(self)
+
+    monkeypatch.setattr(export, "HOLD_ON_DISK_BYTES", 1)
+    monkeypatch.setattr(FileCheck, "run_file", watched)
+    if broken:
+        with pytest.raises(ExportError, match="disagrees"):
+            compiled.export(tmp_path / "out")
+    else:
+        compiled.export(tmp_path / "out")
+        assert not list((tmp_path / "out").glob("weights-held*"))
+    assert held == [0]  # every tensor emptied while the file ran
+    assert torch.equal(compiled(example).logits, before)
