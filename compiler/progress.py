@@ -51,8 +51,8 @@ class PassProgress:
     def save(self, index: int, block: nn.Module, next_calls: list) -> None:
         """Block ``index``, then the inputs of the next block; the inputs of block ``index`` go
         last, so a stop anywhere leaves a consistent earlier state."""
-        _atomic_save(block, self.folder / _block_file(index))
-        _atomic_save(next_calls, self.folder / _inputs_file(index + 1))
+        atomic_save(block, self.folder / _block_file(index))
+        atomic_save(next_calls, self.folder / _inputs_file(index + 1))
         (self.folder / _inputs_file(index)).unlink(missing_ok=True)
 
 
@@ -87,10 +87,15 @@ def _inputs_file(index: int) -> str:
     return f"inputs-{index:04d}.pt"
 
 
-def _atomic_save(obj: Any, target: Path) -> None:
+def atomic_save(obj: Any, target: Path) -> None:
+    """``torch.save`` beside ``target``, then renamed into place: a file that exists is whole."""
     partial = target.with_name(target.name + ".partial")
-    torch.save(obj, partial)
-    os.replace(partial, target)
+    try:
+        torch.save(obj, partial)
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
 
 
 def _fingerprint(index: int, name: str, config: dict, model: nn.Module, calibration) -> str:

@@ -16,6 +16,7 @@ import torch
 
 from presso.errors import PressoError
 from presso.lazy import available_memory
+from presso.progress import atomic_save
 
 BUDGET_FRACTION = 0.25  # of the memory free when the walk starts, unless PRESSO_ACTIVATION_BUDGET says
 
@@ -86,12 +87,9 @@ class CallStore(Sequence):
     def _write(self, call) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / f"call-{len(self.files):05d}.pt"
-        partial = target.with_name(target.name + ".partial")
         try:
-            torch.save(call.to(torch.device("cpu")), partial)
-            os.replace(partial, target)
+            atomic_save(call.to(torch.device("cpu")), target)
         except OSError as exc:
-            partial.unlink(missing_ok=True)
             raise self._no_room(exc) from exc
         self.files.append(target)
 

@@ -82,7 +82,7 @@ from tests.models import small_llama
 from tests.unit.test_progress import CALIBRATION, IDS, _compile
 
 kill_at = os.environ.get("KILL_AT")  # "block:K" after block K is saved, "between:K" inside its save
-save, atomic = PassProgress.save, __import__("presso.progress", fromlist=["_atomic_save"])._atomic_save
+save, atomic = PassProgress.save, __import__("presso.progress", fromlist=["atomic_save"]).atomic_save
 
 def dying_save(self, index, block, calls):
     if kill_at == f"between:{{index}}":  # the block is written, its successor's inputs are not

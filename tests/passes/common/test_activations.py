@@ -22,6 +22,12 @@ def _logits(steps, **options):
     return compiled(IDS).logits
 
 
+@pytest.fixture(autouse=True)
+def own_temp_dir(tmp_path, monkeypatch):
+    """Temporary folders of this test only (tests in other workers make theirs meanwhile)."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def _leftovers():
     return glob.glob(f"{tempfile.gettempdir()}/presso-activations-*")
 
