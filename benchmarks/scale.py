@@ -82,7 +82,7 @@ def write_random(shape: str, folder: Path, layers: int | None = None) -> Path:
 
 
 def measure(folder: str, method: str, calibration: int, seq_len: int, whole: bool, export: bool,
-            device: str) -> dict:
+            device: str, skip: tuple[str, ...] = ()) -> dict:
     """One compile (+ export) in this process; peak host memory from the kernel's count."""
     import presso
 
@@ -92,7 +92,8 @@ def measure(folder: str, method: str, calibration: int, seq_len: int, whole: boo
                for i in range(0, calibration, 8)] if method != "rtn" else None
     example = torch.randint(3, 128000, (1, 16), generator=gen)
     # random weights drift far more than trained ones (their accuracy means nothing): no drift bound
-    p = presso.make_pass("quantize_weights", bits=4, group_size=128, method=method, tolerance=10.0)
+    p = presso.make_pass("quantize_weights", bits=4, group_size=128, method=method, tolerance=10.0,
+                          skip=skip)
     start = time.perf_counter()
     model = folder
     if whole:
@@ -117,6 +118,7 @@ def measure(folder: str, method: str, calibration: int, seq_len: int, whole: boo
     out["peak_gb"] = _peak_gb()
     if torch.cuda.is_available():
         out["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        out["gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
     return out
 
 
@@ -135,11 +137,12 @@ def main() -> None:
     parser.add_argument("--no-export", action="store_true")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (time per block)")
+    parser.add_argument("--skip", default="", help="comma-separated module patterns kept in float (lm_head)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one measurement, as a child process
         print(json.dumps(measure(args.child, args.method, args.calibration, args.seq_len, args.whole,
-                                 not args.no_export, args.device)))
+                                 not args.no_export, args.device, tuple(filter(None, args.skip.split(","))))))
         return
     start = time.perf_counter()
     name = f"llama-{args.shape}" + (f"-{args.layers}layers" if args.layers else "")
@@ -148,7 +151,8 @@ def main() -> None:
     rows = []
     for whole in ([False, True] if args.whole else [False]):
         cmd = [sys.executable, "-m", "benchmarks.scale", "--child", str(folder), "--method", args.method,
-               "--calibration", str(args.calibration), "--seq-len", str(args.seq_len), "--device", args.device]
+               "--calibration", str(args.calibration), "--seq-len", str(args.seq_len), "--device", args.device,
+               "--skip", args.skip]
         cmd += (["--whole"] if whole else []) + (["--no-export"] if args.no_export else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:

@@ -56,6 +56,10 @@ class QuantizeWeightsConfig(PassConfig):
     refit: int = 2  # GPTQ/AWQ: rounds of re-solving group scales by least output error (GPTQ re-rounds between)
     # a linear sharing its weight (tied lm_head) without embeddings=: "keep" it float and shared
     tied: Literal["keep", "quantize"] = "keep"
+    # GPTQ/AWQ: blocks in order, each calibrated on the inputs the already-rounded blocks give it
+    # (and never the whole float model on the device); False: every linear at once on the float
+    # model's inputs (the whole model held where it runs)
+    sequential: bool = True
 
     def validate(self) -> None:
         for name in ("bits", "sensitive_bits"):
@@ -175,10 +179,12 @@ def calibrate_and_quantize(
     memory = {"block_inputs_bytes": 0, "hessian_bytes": 0}
     alphas: dict[str, float] = {}
     inside: set[str] = set()
-    blocks = [b for b, _ in find_blocks(graph.module)]
+    blocks = [b for b, _ in find_blocks(graph.module)] if cfg.sequential else []
+    if not cfg.sequential:
+        graph.materialize(why="quantize_weights(sequential=False), which calibrates the whole model at once")
     seconds, finals = [], []
-    steps = tqdm(walk_blocks(graph, batches, finals), desc=f"quantize_weights ({cfg.method})", unit="block",
-                 total=len(blocks) or 1, leave=False)
+    steps = tqdm(walk_blocks(graph, batches, finals) if blocks else (), desc=f"quantize_weights ({cfg.method})",
+                 unit="block", total=len(blocks) or 1, leave=False)
     for step in steps:
         started = time.perf_counter()
         mine = {p: m for p, m in chosen.items() if p.startswith(step.path + ".")}

@@ -165,6 +165,25 @@ def test_gptq_reports_layer_by_layer_memory():
     assert memory["block_inputs_bytes"] > 0 and memory["hessian_bytes"] > 0
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_whole_model_calibration_matches_the_blocks_on_the_first_block(method):
+    """sequential=False calibrates every linear on the float model's inputs: the first block sees
+    the same inputs either way (same codes); later blocks see the float model's, not the rounded."""
+    model, example = build("llama")
+    calib = calibration("llama", example)
+    runs = {seq: presso.compile(model, [presso.make_pass("quantize_weights", method=method, group_size=32,
+                                                         sequential=seq)], example_inputs=example, calibration=calib)
+            for seq in (True, False)}
+    codes = {seq: {n: b for n, b in c.module.named_buffers() if n.endswith("codes") or "packed" in n}
+             for seq, c in runs.items()}
+    first = [n for n in codes[True] if n.startswith("model.layers.0.")]
+    later = [n for n in codes[True] if n.startswith("model.layers.1.") and "q_proj" in n]
+    assert first and later
+    assert all(torch.equal(codes[True][n], codes[False][n]) for n in first)
+    assert not all(torch.equal(codes[True][n], codes[False][n]) for n in later)
+    assert runs[False].report["passes"][0]["stats"]["block_seconds"] == []
+
+
 @pytest.mark.parametrize("options,match", [
     ({"bits": 3}, "bits=3"), ({"group_size": 0}, "group_size=0"), ({"group_size": 48}, "group_size=48"),
     ({"method": "hqq"}, "method"), ({"embeddings": "int2"}, "embeddings"), ({"refit": -1}, "refit"),
