@@ -138,13 +138,15 @@ def walk_blocks(graph: Graph, batches: list[Inputs], finals: list[BlockOutputs] 
             block.to(device)  # the block's work runs on the compute device, then the block goes home
             if not getattr(calls, "on_disk", False):
                 calls = [c.to(device) for c in calls]
-            yield BlockStep(path, block, calls)
-            outputs = spill.store(index)
-            for c in calls:
-                hidden, as_tuple = _block_output(block, c)
-                outputs.append(c.with_hidden(hidden))
-            calls = outputs if outputs.on_disk else outputs.memory
-            block.to(home)
+            try:
+                yield BlockStep(path, block, calls)
+                outputs = spill.store(index)
+                for c in calls:
+                    hidden, as_tuple = _block_output(block, c)
+                    outputs.append(c.with_hidden(hidden))
+                calls = outputs if outputs.on_disk else outputs.memory
+            finally:
+                block.to(home)  # also when the caller stops the walk here
             if progress:
                 progress.save(index, block, calls)
         if finals is not None and blocks and len(calls):

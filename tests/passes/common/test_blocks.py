@@ -67,3 +67,18 @@ def test_the_heads_calibration_run_stops_before_the_logits(monkeypatch):
     presso.compile(model, [presso.make_pass("quantize_weights", method="gptq")], example_inputs=IDS,
                    calibration=CALIBRATION, device="cpu")
     assert stopped == [(1, 0)]  # lm_head watched, its forward never completed
+
+
+def test_a_walk_stopped_early_sends_the_block_home():
+    """A pass that breaks out of the walk (every unit it wanted is done) leaves no block on the
+    compute device: the block goes back to where the model lives when the walk is closed."""
+    from presso.passes.common.blocks import walk_blocks
+    from presso.signature import Inputs
+
+    graph = presso.compile(small_llama(), [], example_inputs=IDS).graph
+    moves = []
+    for step in walk_blocks(graph, [Inputs((ids,), {}) for ids in CALIBRATION]):
+        real = step.block.to
+        step.block.to = lambda device, real=real: (moves.append(torch.device(device)), real(device))[1]
+        break
+    assert moves == [torch.device("cpu")]
