@@ -32,15 +32,18 @@ class CompiledModel:
         spec = self.graph.spec
         return spec.unflatten_outputs(list(self._run(*spec.flatten_inputs(args, kwargs))))
 
-    def export(self, path: str | os.PathLike, *, tokenizer: Any = None, kv_cache: bool = True) -> Path:
+    def export(self, path: str | os.PathLike, *, tokenizer: Any = None, kv_cache: bool = True,
+               fuse: bool = True) -> Path:
         """Write ``path`` (a ``.onnx`` file, or a folder that gets ``model.onnx``) atomically.
 
         Beside it: ``manifest.json``, ``report.md`` and, if given, the tokenizer's files.
-        Causal LMs get KV-cache inputs/outputs unless ``kv_cache=False``.
+        Causal LMs get KV-cache inputs/outputs unless ``kv_cache=False``, and ONNX Runtime's fused
+        decoder operators where they cover the model unless ``fuse=False`` (the manifest's
+        ``fusions`` says which applied, or why none did).
         """
         from presso.runtime.export import export_artifact
 
-        return export_artifact(self, path, tokenizer=tokenizer, kv_cache=kv_cache)
+        return export_artifact(self, path, tokenizer=tokenizer, kv_cache=kv_cache, fuse=fuse)
 
     def __repr__(self) -> str:
         r = self.report

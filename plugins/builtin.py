@@ -50,6 +50,7 @@ def presso_register_backends(registrar) -> None:
 @hookimpl
 def presso_register_onnx_lowerings(registrar) -> None:
     from presso.runtime import int8, nbits, qdq
+    from presso.runtime.fused import attention, norms
 
     ops = torch.ops.presso
     for custom_op, lowering in (
@@ -59,5 +60,8 @@ def presso_register_onnx_lowerings(registrar) -> None:
         (ops.dequantize_per_channel, qdq.dequantize_per_channel_onnx),
         (ops.matmul_nbits, nbits.matmul_nbits_onnx),
         (ops.gather_nbits, nbits.gather_nbits_onnx),
+        (ops.rms_norm, norms.rms_norm_onnx),
+        (ops.skip_rms_norm, norms.skip_rms_norm_onnx),
+        (ops.group_query_attention, attention.group_query_attention_onnx),
     ):
         registrar.add_onnx_lowering(custom_op.default, lowering)

@@ -91,22 +91,30 @@ def example_step(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 
     return (ids, mask) + ((positions,) if layout.position_ids else ()) + tuple(caches)
 
 
-def trace_decoder(model: nn.Module) -> tuple[torch.export.ExportedProgram, CacheLayout]:
+def trace_decoder(model: nn.Module, fused: bool = True) -> tuple[torch.export.ExportedProgram, CacheLayout, str]:
+    """The KV-cache decoder traced: the fused forward where it covers the model (else why not)."""
     from presso.graph import _quiet_export_logs
+    from presso.runtime.fused.llama import FusedDecoder, why_not
 
-    layout = cache_layout(model)
+    reason = why_not(model) if fused else "fusion turned off (fuse=False)"
+    if reason is None:
+        wrapper = FusedDecoder(model).eval()
+        layout = wrapper.layout()
+    else:
+        layout = cache_layout(model)
+        wrapper = DecoderWithCache(model, layout)
     args = example_step(layout)
     auto = torch.export.Dim.AUTO
     dims = [{0: auto, 1: auto} if a.dim() == 2 else {0: auto, 2: auto} for a in args]
     shapes = (dims[0], dims[1], tuple(dims[2:]))  # forward(input_ids, attention_mask, *rest)
     try:
         with _quiet_export_logs():
-            program = torch.export.export(DecoderWithCache(model, layout), args, dynamic_shapes=shapes, strict=False)
+            program = torch.export.export(wrapper, args, dynamic_shapes=shapes, strict=False)
     except Exception as exc:  # noqa: BLE001
         raise ExportError(f"could not trace {type(model).__name__} with a KV cache: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
                           hint="export without the cache: presso.compile(..., backend='onnxruntime')") from exc
-    return program, layout
+    return program, layout, reason
 
 
 class OrtDecoder:

@@ -5,6 +5,7 @@ Causal LMs are exported with KV-cache inputs and outputs (see ``presso.runtime.d
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,14 +23,15 @@ from presso.runtime.verify import FileCheck
 HOLD_ON_DISK_BYTES = 1 << 30
 
 
-def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv_cache: bool = True) -> Path:
+def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv_cache: bool = True,
+                    fuse: bool = True) -> Path:
     """Returns the path of the written ONNX file."""
     from tqdm.auto import tqdm
 
     target = model_path(path)
     with staged(target.parent) as stage, tqdm(total=2, desc="export", leave=False) as bar:
         lowered = lowering_graph(compiled.graph)  # float32 float parts for a half-precision model
-        extra = write_model(lowered, stage / target.name, kv_cache)
+        extra = write_model(lowered, stage / target.name, kv_cache, fuse)
         # the file that ships, checked against what it was traced from before anything is moved in;
         # the float32 view is dropped before ONNX Runtime loads the file (the peak of a large export)
         check = FileCheck(stage / target.name, extra.get("decoder"))
@@ -52,13 +54,24 @@ def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv
     return target
 
 
-def write_model(graph: Graph, file: Path, kv_cache: bool) -> dict[str, Any]:
+def write_model(graph: Graph, file: Path, kv_cache: bool, fuse: bool = True) -> dict[str, Any]:
     """Write the ONNX model; returns what the manifest must add (the cache layout, if any)."""
     lowerings = get_registry().onnx_lowerings
     if not (kv_cache and graph.spec.hf and is_causal_lm(graph.module)):
         write_onnx(graph, file, lowerings)
         return {}
-    program, layout = trace_decoder(graph.module)
+    program, layout, unfused = trace_decoder(graph.module, fuse)
     write_program(program, layout.input_names, ["logits"] + layout.present_names, file, lowerings,
                   model_name=type(graph.module).__name__)
-    return {"decoder": layout.to_dict()}
+    return {"decoder": layout.to_dict(), "fusions": fusion_counts(file) | ({"not_fused": unfused} if unfused else {})}
+
+
+def fusion_counts(file: Path) -> dict[str, Any]:
+    """How many of ONNX Runtime's fused operators the file holds, by type."""
+    import onnx
+
+    model = onnx.load(str(file), load_external_data=False)
+    fused = ("GroupQueryAttention", "SkipSimplifiedLayerNormalization", "SimplifiedLayerNormalization",
+             "MatMulNBits", "GatherBlockQuantized", "QuickGelu")
+    counts = Counter(n.op_type for n in model.graph.node if n.op_type in fused)
+    return {"operators": dict(sorted(counts.items())), "nodes": len(model.graph.node)}

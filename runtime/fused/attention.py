@@ -1,0 +1,79 @@
+"""Attention with rotary positions and a KV cache: ONNX Runtime's ``GroupQueryAttention``
+(``com.microsoft``), which also covers plain multi-head attention (as many kv heads as heads).
+
+The kernel rotates q and k (half-split rotary, cos/sin tables as initializers), appends k and
+v to the past cache, and attends causally. Its preconditions, which the fused forward checks
+before it calls this op: a head size that is a multiple of 16, and batch rows that are all of
+the full length (the positions of the new tokens follow from the cache length). The kernel
+takes several new tokens after a cache only in a batch of one (a prompt, or one token per row
+after it, runs in any batch).
+"""
+from __future__ import annotations
+
+import onnxscript
+import torch
+from onnx.defs import OpSchema
+from onnxscript import FLOAT, INT32
+
+
+def _schema() -> OpSchema:
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attr = OpSchema.Attribute
+    float_in = ["query", "key", "value", "past_key", "past_value"]
+    return OpSchema(
+        "GroupQueryAttention", "com.microsoft", 1,
+        inputs=[*(param(n, "T") for n in float_in), param("seqlens_k", "M"), param("total_sequence_length", "M"),
+                param("cos_cache", "T", param_option=optional), param("sin_cache", "T", param_option=optional)],
+        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
+        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
+        attributes=[attr("num_heads", OpSchema.AttrType.INT), attr("kv_num_heads", OpSchema.AttrType.INT),
+                    attr("scale", OpSchema.AttrType.FLOAT), attr("do_rotary", OpSchema.AttrType.INT)],
+    )
+
+
+_GQA = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", _schema())
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+@torch.library.custom_op("presso::group_query_attention", mutates_args=())
+def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor,
+                          past_v: torch.Tensor, seqlens_k: torch.Tensor, total_length: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, num_heads: int, kv_heads: int, scale: float
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q`` ``[batch, new, heads * d]``, ``k``/``v`` ``[batch, new, kv_heads * d]``, caches
+    ``[batch, kv_heads, past, d]``; returns the attention output ``[batch, new, heads * d]`` and
+    the grown caches. ``cos``/``sin``: ``[positions, d / 2]``. ``seqlens_k`` and ``total_length``
+    are what the kernel reads; rows are of full length, so the reference needs neither."""
+    batch, new, _ = q.shape
+    d, past = past_k.shape[-1], past_k.shape[2]
+    positions = torch.arange(past, past + new, device=q.device)
+    c, s = cos[positions].to(q.dtype), sin[positions].to(q.dtype)
+    qh = _rotate(q.view(batch, new, num_heads, d).transpose(1, 2), c, s)
+    kh = _rotate(k.view(batch, new, kv_heads, d).transpose(1, 2), c, s)
+    keys = torch.cat([past_k, kh], dim=2)
+    values = torch.cat([past_v, v.view(batch, new, kv_heads, d).transpose(1, 2)], dim=2)
+    group = num_heads // kv_heads
+    causal = torch.ones(new, past + new, dtype=torch.bool, device=q.device).tril(past)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qh, keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1), attn_mask=causal, scale=scale)
+    return out.transpose(1, 2).reshape(batch, new, num_heads * d), keys, values
+
+
+@group_query_attention.register_fake
+def _(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads, kv_heads, scale):
+    batch, new, _ = q.shape
+    d = past_k.shape[-1]
+    cache = past_k.new_empty((batch, kv_heads, past_k.shape[2] + new, d))
+    return q.new_empty((batch, new, num_heads * d)), cache, torch.empty_like(cache)
+
+
+def group_query_attention_onnx(q: FLOAT, k: FLOAT, v: FLOAT, past_k: FLOAT, past_v: FLOAT, seqlens_k: INT32,
+                               total_length: INT32, cos: FLOAT, sin: FLOAT, num_heads: int = 1, kv_heads: int = 1,
+                               scale: float = 1.0):
+    return _GQA(q, k, v, past_k, past_v, seqlens_k, total_length, cos, sin, num_heads=num_heads,
+                kv_num_heads=kv_heads, scale=scale, do_rotary=1)

@@ -1,0 +1,134 @@
+"""Fused decoders: ONNX Runtime's fused operators where they cover the model, the exporter's
+graph elsewhere, the same tokens either way."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import TensorProto
+from onnx import helper as oh
+
+import presso
+from presso.runtime.fused.attention import group_query_attention
+from presso.runtime.fused.norms import skip_rms_norm
+from tests.models import build
+
+
+def tiny(family: str, heads: int = 4, kv_heads: int = 2, layers: int = 2) -> torch.nn.Module:
+    """A decoder of ``family`` with a head size of 16 (GroupQueryAttention needs a multiple of 16)."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = getattr(tf, {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "mistral": "MistralConfig"}[family])(
+        vocab_size=128, hidden_size=16 * heads, intermediate_size=96, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=64,
+        bos_token_id=1, eos_token_id=2, **({"sliding_window": None} if family == "mistral" else {}))
+    model_class = {"llama": tf.LlamaForCausalLM, "qwen2": tf.Qwen2ForCausalLM, "mistral": tf.MistralForCausalLM}
+    return model_class[family](config).eval()
+
+
+IDS = torch.randint(3, 120, (1, 12), generator=torch.Generator().manual_seed(0))
+CALIBRATION = [torch.randint(3, 120, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+
+def export_both(compiled, tmp_path):
+    """The fused and the unfused file, their manifests, and 8 greedy tokens from each."""
+    runs = {}
+    for fuse in (True, False):
+        path = compiled.export(tmp_path / f"fuse-{fuse}", fuse=fuse)
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        tokens = presso.runtime.load(path).generate(IDS[:, :6], max_new_tokens=8)
+        runs[fuse] = manifest, tokens
+    return runs
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_each_family_exports_fused_with_the_tokens_of_the_unfused_graph(family, tmp_path):
+    compiled = presso.compile(tiny(family), [], example_inputs=IDS)
+    runs = export_both(compiled, tmp_path)
+    fused, plain = runs[True][0], runs[False][0]
+    assert fused["fusions"]["operators"] == {"GroupQueryAttention": 2, "SkipSimplifiedLayerNormalization": 4}
+    assert fused["fusions"]["nodes"] < plain["fusions"]["nodes"] / 3
+    assert "not_fused" not in fused["fusions"] and fused["export_check"]["rel_error"] < 1e-4
+    assert torch.equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("steps", [
+    [("quantize_weights", {"bits": 4, "group_size": 16})],
+    [("quantize_weights", {"bits": 8, "group_size": 16, "embeddings": "int8"})],
+    [("quantize_dynamic_int8", {})],
+    [("smooth_quant", {}), ("quantize_static_int8", {})],
+    [("prune_structured", {"ratio": 0.25})],
+    [("split_low_rank", {"ratio": 0.3, "method": "svd"})],
+    [("share_attention_heads", {"kv_heads": 1})],
+], ids=lambda steps: "+".join(n for n, _ in steps))
+def test_compressed_models_export_fused_or_say_why_not(steps, tmp_path):
+    """Every compressed form either fuses, checked against the compiled model like any export,
+    or keeps the exporter's graph with the reason in the manifest; the tokens agree."""
+    passes = [presso.make_pass(n, **o) for n, o in steps]
+    compiled = presso.compile(tiny("llama", heads=8, kv_heads=4), passes, example_inputs=IDS,
+                              calibration=CALIBRATION)
+    runs = export_both(compiled, tmp_path)
+    fusions = runs[True][0]["fusions"]
+    assert fusions["operators"].get("GroupQueryAttention") == 2 or fusions["not_fused"]
+    assert torch.equal(runs[True][1], runs[False][1])
+
+
+@pytest.mark.parametrize("name,reason", [("llama", "head size 8"), ("gpt2", "model type 'gpt2'"),
+                                         ("phi3", "model type 'phi3'")])
+def test_models_the_fused_forward_does_not_cover_keep_the_exporters_graph(name, reason, tmp_path):
+    model, example = build(name)
+    path = presso.compile(model, [], example_inputs=example).export(tmp_path / "m")
+    fusions = json.loads((path.parent / "manifest.json").read_text())["fusions"]
+    assert reason in fusions["not_fused"] and "GroupQueryAttention" not in fusions["operators"]
+
+
+def _run_node(node, inputs: dict[str, np.ndarray], outputs: list[str], initializers=()) -> list[np.ndarray]:
+    kind = {np.dtype("float32"): TensorProto.FLOAT, np.dtype("int32"): TensorProto.INT32}
+    graph = oh.make_graph([node], "g", [oh.make_tensor_value_info(n, kind[a.dtype], a.shape)
+                                        for n, a in inputs.items()],
+                          [oh.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs], list(initializers))
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18), oh.make_opsetid("com.microsoft", 1)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, inputs)
+
+
+@pytest.mark.parametrize("batch,past,new", [(2, 0, 3), (2, 5, 1), (1, 5, 3)])
+@pytest.mark.parametrize("heads,kv_heads", [(4, 2), (4, 4), (4, 1)])
+def test_group_query_attention_reference_matches_onnx_runtime(batch, past, new, heads, kv_heads):
+    """The torch reference (what the trace and the export check run) against the kernel, for
+    a prompt (no past), a step after a cache and a chunk after a cache (the kernel takes
+    chunks in batches of one); GQA, MHA and MQA."""
+    gen = torch.Generator().manual_seed(0)
+    d, positions = 32, 64
+    q = torch.randn(batch, new, heads * d, generator=gen)
+    k, v = (torch.randn(batch, new, kv_heads * d, generator=gen) for _ in range(2))
+    past_k, past_v = (torch.randn(batch, kv_heads, past, d, generator=gen) for _ in range(2))
+    angles = torch.arange(positions)[:, None] * torch.rand(d // 2, generator=gen)[None]
+    cos, sin = angles.cos(), angles.sin()
+    seqlens = torch.full((batch,), past + new - 1, dtype=torch.int32)
+    total = torch.tensor(past + new, dtype=torch.int32)
+    want = group_query_attention(q, k, v, past_k, past_v, seqlens, total, cos, sin, heads, kv_heads, d ** -0.5)
+    node = oh.make_node("GroupQueryAttention", ["q", "k", "v", "pk", "pv", "seqlens", "total", "cos", "sin"],
+                        ["out", "present_k", "present_v"], domain="com.microsoft", num_heads=heads,
+                        kv_num_heads=kv_heads, scale=d ** -0.5, do_rotary=1)
+    feeds = dict(q=q, k=k, v=v, pk=past_k, pv=past_v, seqlens=seqlens, total=total)
+    got = _run_node(node, {n: t.numpy() for n, t in feeds.items()}, ["out", "present_k", "present_v"],
+                    [onnx.numpy_helper.from_array(t.numpy(), n) for n, t in (("cos", cos), ("sin", sin))])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_skip_rms_norm_reference_matches_onnx_runtime():
+    gen = torch.Generator().manual_seed(0)
+    x, skip, weight = torch.randn(2, 5, 64, generator=gen), torch.randn(2, 5, 64, generator=gen), torch.rand(64)
+    want = skip_rms_norm(x, skip, weight, 1e-5)
+    node = oh.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "w"], ["out", "", "", "sum"],
+                        domain="com.microsoft", epsilon=1e-5)
+    got = _run_node(node, {"x": x.numpy(), "skip": skip.numpy(), "w": weight.numpy()}, ["out", "sum"])
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
