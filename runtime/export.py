@@ -13,7 +13,8 @@ from presso.graph import Graph
 from presso.lazy import held_on_disk
 from presso.plugins.registry import get_registry
 from presso.runtime.artifact import MANIFEST, model_path, staged, write_json
-from presso.runtime.decoder import is_causal_lm, trace_decoder
+from presso.runtime.decoder import CacheLayout, is_causal_lm, trace_decoder
+from presso.runtime.genai import GENAI_CONFIG, genai_config
 from presso.runtime.onnx_export import write_onnx, write_program
 from presso.runtime.precision import lowering_graph, precision_report
 from presso.runtime.verify import FileCheck
@@ -46,6 +47,9 @@ def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv
         bar.update()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(stage))
+        if "decoder" in extra and "not_fused" not in extra["fusions"]:
+            config = genai_config(compiled.graph.module, CacheLayout(**extra["decoder"]), target.name)
+            write_json(stage / GENAI_CONFIG, config)
         size = sum(f.stat().st_size for f in stage.iterdir() if f.name.startswith(target.name))
         compiled.report["bytes_on_disk"] = size
         (stage / "report.md").write_text(compiled.report.to_markdown())

@@ -132,3 +132,28 @@ def test_skip_rms_norm_reference_matches_onnx_runtime():
     got = _run_node(node, {"x": x.numpy(), "skip": skip.numpy(), "w": weight.numpy()}, ["out", "sum"])
     for a, b in zip(got, want):
         np.testing.assert_allclose(a, b.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_onnxruntime_genai_runs_the_folder_with_presso_decoders_tokens(tmp_path):
+    """The exported folder as it is (genai_config.json beside the model) in onnxruntime-genai's
+    own generator: the same 32 greedy tokens as presso's decoder."""
+    og = pytest.importorskip("onnxruntime_genai")
+    compiled = presso.compile(tiny("llama"), [presso.make_pass("quantize_weights", bits=4, group_size=16)],
+                              example_inputs=IDS)
+    path = compiled.export(tmp_path / "m")
+    want = presso.runtime.load(path).generate(IDS[:, :6], max_new_tokens=32)[0, 6:].tolist()
+    model = og.Model(str(path.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=6 + 32, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(IDS[:, :6].numpy().astype(np.int32))
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    assert got == want
+
+
+def test_unfused_exports_write_no_genai_config(tmp_path):
+    path = presso.compile(tiny("llama"), [], example_inputs=IDS).export(tmp_path / "m", fuse=False)
+    assert not (path.parent / "genai_config.json").exists()
