@@ -2,8 +2,9 @@
 
 The linear lowers to ONNX Runtime's ``com.microsoft::MatMulNBits``; the embedding lowers
 to standard ONNX (a ``Gather`` of packed rows, then unpacking), so a tied embedding and
-lm_head read one packed table. The torch reference dequantizes and runs a float matmul,
-which is what ``MatMulNBits`` computes at ``accuracy_level=0`` (4-bit).
+lm_head read one packed table. The torch reference rounds the activations to int8 per block,
+dequantizes the weight and runs a float matmul: what ``MatMulNBits`` computes at
+``accuracy_level=4``.
 """
 from __future__ import annotations
 
@@ -56,13 +57,12 @@ def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, ze
                  k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
     """``x @ W.T`` for the packed weight ``W`` ``(n, k)``.
 
-    8-bit weights run with int8 activations, as ONNX Runtime's fast 8-bit CPU kernel does
+    The weights run with int8 activations, as ONNX Runtime's fast CPU kernels do
     (``accuracy_level=4``): ``x`` is rounded per block of ``block_size`` along k to int8 with
-    its own scale. (Its float path, ``accuracy_level=0``, is over 100x slower at batch 1.)
+    its own scale. (Their float path, ``accuracy_level=0``, is over 100x slower at batch 1 for
+    8-bit weights, and decodes SmolLM2 about 25% slower for 4-bit.)
     """
-    x32 = x.float()  # float32 arithmetic whatever the model's dtype, as the kernels compute
-    if bits == 8:
-        x32 = _round_blocks_int8(x32, block_size)
+    x32 = _round_blocks_int8(x.float(), block_size)  # float32 arithmetic whatever the model's dtype
     return torch.matmul(x32, dequantize_packed(packed, scales, zeros, k, bits).t()).to(x.dtype)
 
 
@@ -75,8 +75,8 @@ def _round_blocks_int8(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def accuracy_level(bits: int) -> int:
-    """0: float compute; 4: int8 activations (the only fast 8-bit CPU path)."""
-    return 4 if bits == 8 else 0
+    """4: int8 activations (the fast CPU path for 4- and 8-bit weights; 0 would be float)."""
+    return 4
 
 
 @matmul_nbits.register_fake

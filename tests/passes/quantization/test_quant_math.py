@@ -61,8 +61,7 @@ def test_packed_linear_matches_dequantized_float_linear(fmt):
     q = quantize_weight(linear.weight.detach(), fmt)
     module = WeightOnlyLinear(PackedWeight(q), linear.bias)
     x = torch.randn(3, 7, 576)
-    if fmt.bits == 8:  # int8 activations per block, as ONNX Runtime's 8-bit kernel
-        x = _round_blocks_int8(x, q.block_size)
+    x = _round_blocks_int8(x, q.block_size)  # int8 activations per block, as ONNX Runtime's kernels
     expected = torch.nn.functional.linear(x, q.dequantize(), linear.bias)
     assert torch.allclose(module(x), expected, atol=1e-5)
     w = module.weight_q
