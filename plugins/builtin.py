@@ -63,5 +63,6 @@ def presso_register_onnx_lowerings(registrar) -> None:
         (ops.rms_norm, norms.rms_norm_onnx),
         (ops.skip_rms_norm, norms.skip_rms_norm_onnx),
         (ops.group_query_attention, attention.group_query_attention_onnx),
+        (ops.group_query_attention_packed, attention.group_query_attention_packed_onnx),
     ):
         registrar.add_onnx_lowering(custom_op.default, lowering)

@@ -91,17 +91,18 @@ def example_step(layout: CacheLayout, batch: int = 2, new: int = 3, past: int = 
     return (ids, mask) + ((positions,) if layout.position_ids else ()) + tuple(caches)
 
 
-def trace_decoder(model: nn.Module, fused: bool = True) -> tuple[torch.export.ExportedProgram, CacheLayout, str]:
-    """The KV-cache decoder traced: the fused forward where it covers the model (else why not)."""
+def trace_decoder(model: nn.Module, fused: bool = True) -> tuple[torch.export.ExportedProgram, CacheLayout, dict]:
+    """The KV-cache decoder traced: the fused forward where it covers the model. The dict says
+    what was fused (``packed`` matmul groups) or why not (``not_fused``)."""
     from presso.graph import _quiet_export_logs
     from presso.runtime.fused.llama import FusedDecoder, why_not
 
     reason = why_not(model) if fused else "fusion turned off (fuse=False)"
     if reason is None:
         wrapper = FusedDecoder(model).eval()
-        layout = wrapper.layout()
+        layout, details = wrapper.layout(), {"packed": wrapper.packed()}
     else:
-        layout = cache_layout(model)
+        layout, details = cache_layout(model), {"not_fused": reason}
         wrapper = DecoderWithCache(model, layout)
     args = example_step(layout)
     auto = torch.export.Dim.AUTO
@@ -114,7 +115,7 @@ def trace_decoder(model: nn.Module, fused: bool = True) -> tuple[torch.export.Ex
         raise ExportError(f"could not trace {type(model).__name__} with a KV cache: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}",
                           hint="export without the cache: presso.compile(..., backend='onnxruntime')") from exc
-    return program, layout, reason
+    return program, layout, details
 
 
 class OrtDecoder:

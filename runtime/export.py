@@ -64,10 +64,10 @@ def write_model(graph: Graph, file: Path, kv_cache: bool, fuse: bool = True) -> 
     if not (kv_cache and graph.spec.hf and is_causal_lm(graph.module)):
         write_onnx(graph, file, lowerings)
         return {}
-    program, layout, unfused = trace_decoder(graph.module, fuse)
+    program, layout, details = trace_decoder(graph.module, fuse)
     write_program(program, layout.input_names, ["logits"] + layout.present_names, file, lowerings,
                   model_name=type(graph.module).__name__)
-    return {"decoder": layout.to_dict(), "fusions": fusion_counts(file) | ({"not_fused": unfused} if unfused else {})}
+    return {"decoder": layout.to_dict(), "fusions": fusion_counts(file) | details}
 
 
 def fusion_counts(file: Path) -> dict[str, Any]:

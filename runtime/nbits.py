@@ -100,13 +100,13 @@ def _(ids, packed, scales, zeros, k, bits):
 
 def matmul_nbits_onnx(x: FLOAT, packed, scales, zeros=None, k: int = 0, n: int = 0, bits: int = 4,
                       block_size: int = 32) -> FLOAT:
-    # float16 scales are stored as such; ONNX Runtime folds the cast of the constant at load
-    flat_scales = op.Reshape(op.Cast(scales, to=onnx.TensorProto.FLOAT), op.Constant(value_ints=[-1]))
+    # float16 scales are stored as such; ONNX Runtime folds the cast of the constant at load. The
+    # kernel takes scales (n, blocks) and zero points (n, packed blocks) as they are stored.
+    scales = op.Cast(scales, to=onnx.TensorProto.FLOAT)
     if zeros is None:
-        return _MATMUL_NBITS(x, packed, flat_scales, K=k, N=n, bits=bits, block_size=block_size,
+        return _MATMUL_NBITS(x, packed, scales, K=k, N=n, bits=bits, block_size=block_size,
                              accuracy_level=accuracy_level(bits))
-    flat_zeros = op.Reshape(zeros, op.Constant(value_ints=[-1]))
-    return _MATMUL_NBITS(x, packed, flat_scales, flat_zeros, K=k, N=n, bits=bits, block_size=block_size,
+    return _MATMUL_NBITS(x, packed, scales, zeros, K=k, N=n, bits=bits, block_size=block_size,
                          accuracy_level=accuracy_level(bits))
 
 

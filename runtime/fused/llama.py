@@ -5,7 +5,8 @@ Per block: one ``SkipSimplifiedLayerNormalization`` (the residual add and the no
 block's q/k/v linears, one ``GroupQueryAttention`` (rotary, cache, causal attention), o_proj,
 a second skip-norm, the MLP. The linears are the compiled model's modules, called as they
 are, so every quantization format, pruned width and low-rank factor lowers as it does in the
-exporter's graph. :func:`why_not` names the first thing the fused forward cannot prove it
+exporter's graph; where q/k/v (or gate/up) share a quantized format they are packed into one
+matmul (:mod:`.packing`), whose output the attention kernel reads as it is. :func:`why_not` names the first thing the fused forward cannot prove it
 computes like the model; such a model keeps the exporter's graph.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ import torch
 from torch import nn
 
 from presso.runtime.decoder import CacheLayout
-from presso.runtime.fused.attention import group_query_attention
+from presso.runtime.fused.attention import group_query_attention, group_query_attention_packed
 from presso.runtime.fused.norms import rms_norm, skip_rms_norm
+from presso.runtime.fused.packing import pack_linears
 
 FAMILIES = ("llama", "qwen2", "mistral")
 ROPE_TYPES = ("default", "llama3", "linear")  # their tables depend on the position alone
@@ -96,7 +98,21 @@ class FusedDecoder(nn.Module):
         cos, sin = rotary_tables(model)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        self.heads = [_head_counts(layer, layer.self_attn.head_dim) for layer in model.model.layers]
+        layers = model.model.layers
+        self.heads = [_head_counts(layer, layer.self_attn.head_dim) for layer in layers]
+        # packed copies of quantized weights (small); float linears are called one by one
+        self.qkv, self.gate_up = nn.ModuleDict(), nn.ModuleDict()
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            if (qkv := pack_linears([attn.q_proj, attn.k_proj, attn.v_proj])) is not None:
+                self.qkv[str(i)] = qkv
+            if _as_shipped(mlp, model.config.model_type) and getattr(model.config, "hidden_act", None) == "silu":
+                if (gate_up := pack_linears([mlp.gate_proj, mlp.up_proj])) is not None:
+                    self.gate_up[str(i)] = gate_up
+
+    def packed(self) -> dict[str, int]:
+        """How many q/k/v and gate/up groups run as one matmul (for the manifest)."""
+        return {"qkv": len(self.qkv), "gate_up": len(self.gate_up)}
 
     def layout(self) -> CacheLayout:
         layers = self.model.model.layers
@@ -113,14 +129,23 @@ class FusedDecoder(nn.Module):
                 x, residual = rms_norm(hidden, norm.weight, norm.variance_epsilon), hidden
             else:
                 x, residual = skip_rms_norm(hidden, residual, norm.weight, norm.variance_epsilon)
-            attn = layer.self_attn
-            heads, kv_heads = self.heads[i]
-            out, key, value = group_query_attention(
-                attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past[2 * i], past[2 * i + 1], seqlens, total,
-                self.cos, self.sin, heads, kv_heads, float(attn.scaling))
+            out, key, value = self._attention(i, layer.self_attn, x, past[2 * i], past[2 * i + 1], seqlens, total)
             present += [key, value]
             norm = layer.post_attention_layernorm
-            x, residual = skip_rms_norm(attn.o_proj(out), residual, norm.weight, norm.variance_epsilon)
-            hidden = layer.mlp(x)
+            x, residual = skip_rms_norm(layer.self_attn.o_proj(out), residual, norm.weight, norm.variance_epsilon)
+            hidden = self._mlp(i, layer.mlp, x)
         x, _ = skip_rms_norm(hidden, residual, inner.norm.weight, inner.norm.variance_epsilon)
         return (self.model.lm_head(x), *present)
+
+    def _attention(self, i: int, attn: nn.Module, x, past_k, past_v, seqlens, total):
+        heads, kv_heads = self.heads[i]
+        common = (seqlens, total, self.cos, self.sin, heads, kv_heads, float(attn.scaling))
+        if str(i) in self.qkv:
+            return group_query_attention_packed(self.qkv[str(i)](x), past_k, past_v, *common)
+        return group_query_attention(attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), past_k, past_v, *common)
+
+    def _mlp(self, i: int, mlp: nn.Module, x):
+        if str(i) not in self.gate_up:
+            return mlp(x)
+        gate, up = self.gate_up[str(i)](x).split([mlp.gate_proj.out_features, mlp.up_proj.out_features], dim=-1)
+        return mlp.down_proj(nn.functional.silu(gate) * up)

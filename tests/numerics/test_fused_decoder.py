@@ -57,24 +57,29 @@ def test_each_family_exports_fused_with_the_tokens_of_the_unfused_graph(family, 
     assert torch.equal(runs[True][1], runs[False][1])
 
 
-@pytest.mark.parametrize("steps", [
-    [("quantize_weights", {"bits": 4, "group_size": 16})],
-    [("quantize_weights", {"bits": 8, "group_size": 16, "embeddings": "int8"})],
-    [("quantize_dynamic_int8", {})],
-    [("smooth_quant", {}), ("quantize_static_int8", {})],
-    [("prune_structured", {"ratio": 0.25})],
-    [("split_low_rank", {"ratio": 0.3, "method": "svd"})],
-    [("share_attention_heads", {"kv_heads": 1})],
-], ids=lambda steps: "+".join(n for n, _ in steps))
-def test_compressed_models_export_fused_or_say_why_not(steps, tmp_path):
+PACKED_BOTH = {"qkv": 2, "gate_up": 2}  # every layer's q/k/v and gate/up as one matmul each
+
+
+@pytest.mark.parametrize("steps,packed", [
+    ([("quantize_weights", {"bits": 4, "group_size": 16})], PACKED_BOTH),
+    ([("quantize_weights", {"bits": 8, "group_size": 16, "embeddings": "int8"})], PACKED_BOTH),
+    ([("quantize_dynamic_int8", {})], PACKED_BOTH),
+    ([("smooth_quant", {}), ("quantize_static_int8", {})], PACKED_BOTH),
+    ([("prune_structured", {"ratio": 0.25})], {"qkv": 0, "gate_up": 0}),
+    ([("split_low_rank", {"ratio": 0.3, "method": "svd"})], {"qkv": 0, "gate_up": 0}),
+    ([("share_attention_heads", {"kv_heads": 1})], {"qkv": 0, "gate_up": 0}),
+], ids=lambda v: "+".join(n for n, _ in v) if isinstance(v, list) else "")
+def test_compressed_models_export_fused_or_say_why_not(steps, packed, tmp_path):
     """Every compressed form either fuses, checked against the compiled model like any export,
-    or keeps the exporter's graph with the reason in the manifest; the tokens agree."""
+    or keeps the exporter's graph with the reason in the manifest; the tokens agree. Quantized
+    q/k/v and gate/up run as one packed matmul; float ones (pruned, factored) one by one."""
     passes = [presso.make_pass(n, **o) for n, o in steps]
     compiled = presso.compile(tiny("llama", heads=8, kv_heads=4), passes, example_inputs=IDS,
                               calibration=CALIBRATION)
     runs = export_both(compiled, tmp_path)
     fusions = runs[True][0]["fusions"]
     assert fusions["operators"].get("GroupQueryAttention") == 2 or fusions["not_fused"]
+    assert fusions.get("packed") == packed
     assert torch.equal(runs[True][1], runs[False][1])
 
 
