@@ -6,8 +6,9 @@ block's q/k/v linears, one ``GroupQueryAttention`` (rotary, cache, causal attent
 a second skip-norm, the MLP. The linears are the compiled model's modules, called as they
 are, so every quantization format, pruned width and low-rank factor lowers as it does in the
 exporter's graph; where q/k/v (or gate/up) share a quantized format they are packed into one
-matmul (:mod:`.packing`), whose output the attention kernel reads as it is. :func:`why_not` names the first thing the fused forward cannot prove it
-computes like the model; such a model keeps the exporter's graph.
+matmul (:mod:`.packing`), whose output the attention kernel reads as it is. :func:`why_not`
+names the first thing the fused forward cannot prove it computes like the model; such a model
+keeps the exporter's graph.
 """
 from __future__ import annotations
 
