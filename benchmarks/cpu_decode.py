@@ -82,13 +82,15 @@ class PressoRunner:
         return self.decoder
 
     def latency(self, prompt: np.ndarray) -> tuple[float, float]:
+        """As ``generate`` runs: the cache in place for fused decoders, copied for the others."""
+        run = self.decoder.start(prompt.shape[0], prompt.shape[1] + DECODE + 1)
         start = time.perf_counter()
-        logits, past = self.decoder.step(prompt, self.decoder.empty_cache(1))
+        logits = run.step(prompt)
         prefill = time.perf_counter() - start
         token, steps = logits[:, -1:].argmax(-1), []
         for _ in range(DECODE):
             start = time.perf_counter()
-            logits, past = self.decoder.step(token, past)
+            logits = run.step(token)
             steps.append(time.perf_counter() - start)
             token = logits[:, -1:].argmax(-1)
         return prefill * 1e3, statistics.median(steps[2:]) * 1e3

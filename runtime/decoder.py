@@ -153,16 +153,70 @@ class OrtDecoder:
         logits, _ = self.step(ids, self.empty_cache(ids.shape[0]))
         return CausalLMOutput(logits=torch.from_numpy(logits))
 
+    @property
+    def shares_cache(self) -> bool:
+        """A fused decoder's attention kernel appends to the cache in place (one buffer per layer
+        for past and present), where the exporter's graph returns a grown copy each step."""
+        return "GroupQueryAttention" in self.manifest.get("fusions", {}).get("operators", {})
+
+    def start(self, batch: int, capacity: int) -> Any:
+        """A decoding run: ``run.step(ids) -> logits``, the cache kept between steps (in place
+        when :attr:`shares_cache`, for up to ``capacity`` positions)."""
+        return SharedCacheRun(self, batch, capacity) if self.shares_cache else CopiedCacheRun(self, batch)
+
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32,
                  eos_token_id: int | None = None) -> torch.Tensor:
         """Greedy decoding: the prompt once, then one token per step against the cache."""
         ids = input_ids.detach().cpu().numpy().astype(np.int64)
-        logits, past = self.step(ids, self.empty_cache(ids.shape[0]))
+        run = self.start(ids.shape[0], ids.shape[1] + max_new_tokens)
+        logits = run.step(ids)
         out = [ids]
         for i in range(max_new_tokens):
             nxt = logits[:, -1].argmax(-1)[:, None]
             out.append(nxt)
             if i == max_new_tokens - 1 or (eos_token_id is not None and (nxt == eos_token_id).all()):
                 break
-            logits, past = self.step(nxt, past)
+            logits = run.step(nxt)
         return torch.from_numpy(np.concatenate(out, axis=1))
+
+
+class CopiedCacheRun:
+    """Each step feeds the cache and takes back the grown one."""
+
+    def __init__(self, decoder: OrtDecoder, batch: int):
+        self.decoder, self.past = decoder, decoder.empty_cache(batch)
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        logits, self.past = self.decoder.step(ids, self.past)
+        return logits
+
+
+class SharedCacheRun:
+    """One buffer per cache tensor, bound as both past input and present output:
+    ``GroupQueryAttention`` writes the new keys and values into it, so no step copies the cache
+    (the attention mask says how much of it is filled)."""
+
+    def __init__(self, decoder: OrtDecoder, batch: int, capacity: int):
+        import onnxruntime as ort
+
+        layout, self.session = decoder.layout, decoder.session
+        self.binding, self.length, self.batch = self.session.io_binding(), 0, batch
+        shape = (batch, layout.kv_heads, capacity, layout.head_dim)
+        self.binding.bind_output("logits")  # bound first: get_outputs()[0]
+        for past, present in zip(layout.past_names, layout.present_names):
+            buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)
+        self.capacity = capacity
+
+    def step(self, ids: np.ndarray) -> np.ndarray:
+        new = ids.shape[1]
+        if self.length + new > self.capacity:
+            raise ExportError(f"the cache holds {self.capacity} positions; {self.length + new} asked",
+                              hint="start the run with a larger capacity")
+        self.binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids, dtype=np.int64))
+        self.binding.bind_cpu_input("attention_mask", np.ones((self.batch, self.length + new), np.int64))
+        self.binding.bind_output("logits")  # unallocated again: its shape changes from step to step
+        self.session.run_with_iobinding(self.binding)
+        self.length += new
+        return self.binding.get_outputs()[0].numpy()

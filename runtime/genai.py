@@ -2,7 +2,9 @@
 
 Written beside fused decoders (their family is one onnxruntime-genai knows, and their graph
 has no ``position_ids``: the attention kernel derives positions from the cache). The cache
-names follow presso's layout; present caches are separate outputs, not a shared buffer.
+names follow presso's layout; past and present share one buffer per layer
+(``past_present_share_buffer``), which ``GroupQueryAttention`` appends to in place, as
+presso's own runtime does.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ def genai_config(model: nn.Module, layout: CacheLayout, file_name: str) -> dict[
             },
         },
         "search": {"do_sample": False, "num_beams": 1, "max_length": context, "min_length": 0,
-                   "past_present_share_buffer": False, "repetition_penalty": 1.0, "temperature": 1.0,
+                   "past_present_share_buffer": True, "repetition_penalty": 1.0, "temperature": 1.0,
                    "top_k": 1, "top_p": 1.0, "num_return_sequences": 1, "early_stopping": True,
                    "length_penalty": 1.0, "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
     }

@@ -162,3 +162,22 @@ def test_onnxruntime_genai_runs_the_folder_with_presso_decoders_tokens(tmp_path)
 def test_unfused_exports_write_no_genai_config(tmp_path):
     path = presso.compile(tiny("llama"), [], example_inputs=IDS).export(tmp_path / "m", fuse=False)
     assert not (path.parent / "genai_config.json").exists()
+
+
+def test_decoding_in_place_gives_the_logits_of_a_copied_cache(tmp_path):
+    """A fused decoder's runs share one cache buffer between past and present (the kernel writes
+    into it); every step's logits equal those of feeding and taking back the cache, in a batch
+    of two, and a run past its capacity is refused."""
+    from presso.errors import ExportError
+    from presso.runtime.decoder import CopiedCacheRun
+
+    compiled = presso.compile(tiny("llama"), [presso.make_pass("quantize_weights", bits=4, group_size=16)],
+                              example_inputs=IDS)
+    decoder = presso.runtime.load(compiled.export(tmp_path / "m"))
+    assert decoder.shares_cache
+    shared, copied = decoder.start(2, 9), CopiedCacheRun(decoder, 2)
+    tokens = torch.randint(3, 120, (2, 6), generator=torch.Generator().manual_seed(1)).numpy()
+    for ids in (tokens, tokens[:, :1], tokens[:, 1:2], tokens[:, 2:3]):
+        np.testing.assert_allclose(shared.step(ids), copied.step(ids), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ExportError, match="holds 9 positions"):
+        shared.step(tokens[:, :1])
