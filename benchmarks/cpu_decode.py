@@ -1,8 +1,8 @@
 """CPU decoding of SmolLM2: presso's exports, fused and unfused, against the onnxruntime-genai
 model builder's, each run by its own generator, in one run.
 
-    python -m benchmarks.cpu_decode [--threads 2] [--rounds 3] [--windows 64] [--rows fp32,int8,int4]
-        [--int4 rtn|recipe] [--builder int4-32,int4-64,int8]
+    python -m benchmarks.cpu_decode [--threads 2] [--rounds 3] [--windows 64]
+        [--rows fp32,int8,w8a8,int4,int4-rtn] [--builder int4-32,int4-64,int4-32-rtn,int4-32-k_quant,int8]
 
 For every artifact: size on disk, node count, perplexity by the shared protocol (WikiText-2
 test, ``--windows`` windows of 256 tokens, the file run in ONNX Runtime), prefill of a
@@ -35,38 +35,44 @@ from presso.recipes import load_recipe
 PROMPT, LONG, DECODE = 128, 1024, 32
 
 
-def presso_rows(model, tokenizer, which: list[str], int4: str, workdir: Path) -> list[dict]:
+def presso_rows(model, tokenizer, which: list[str], workdir: Path) -> list[dict]:
     calibration = ev.calibration_batches(tokenizer, n=128, seq_len=256, batch_size=8)
     recipes = {
-        "fp32": [],
-        "int8": [presso.make_pass("quantize_dynamic_int8")],
-        "w8a8": [presso.make_pass("smooth_quant"), presso.make_pass("quantize_static_int8")],
-        "int4": (load_recipe("int4").make_passes() if int4 == "recipe" else
-                 [presso.make_pass("quantize_weights", bits=4, group_size=32, method="rtn", embeddings="int8")]),
+        "fp32": lambda: [],
+        "int8": lambda: [presso.make_pass("quantize_dynamic_int8")],
+        "w8a8": lambda: load_recipe("w8a8").make_passes(),
+        "int4": lambda: load_recipe("int4").make_passes(),  # AWQ+GPTQ g64, int8 embeddings and scales
+        "int4-rtn": lambda: [presso.make_pass("quantize_weights", bits=4, group_size=32, method="rtn",
+                                              embeddings="int8")],
     }
     rows = []
     for name in which:
-        passes = recipes[name]
+        passes = recipes[name]()
         needs = any("calibration" in p.requires for p in passes)
+        start = time.perf_counter()
         compiled = presso.compile(model, passes, example_inputs=torch.randint(3, 1000, (1, 16)),
                                   calibration=calibration if needs else None)
+        print(f"compiled presso {name} in {time.perf_counter() - start:.0f} s", flush=True)
         for fuse in (True, False):
             start = time.perf_counter()
             path = compiled.export(workdir / f"{name}-{'fused' if fuse else 'unfused'}", tokenizer=tokenizer,
                                    fuse=fuse)
-            rows.append(dict(label=f"presso {name}{' (int4: ' + int4 + ')' if name == 'int4' else ''}"
-                             f" {'fused' if fuse else 'unfused'}", path=path, seconds=time.perf_counter() - start,
-                             runner=PressoRunner(path)))
+            rows.append(dict(label=f"presso {name} {'fused' if fuse else 'unfused'}", path=path,
+                             seconds=time.perf_counter() - start, runner=PressoRunner(path)))
     return rows
 
 
 def builder_rows(hf_folder: Path, which: list[str], workdir: Path) -> list[dict]:
+    """``int4-32``, ``int4-64-k_quant``, ``int8``: precision, then block size and algo_config."""
     rows = []
     for name in which:
-        precision, *block = name.split("-")
+        precision, *rest = name.split("-")
+        options = [f"block_size={rest[0]}"] if rest else []
+        options += [f"algo_config={rest[1]}"] if len(rest) > 1 else []
         out = workdir / f"builder-{name}"
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf_folder), "-o", str(out),
-               "-p", precision, "-e", "cpu"] + (["--extra_options", f"int4_block_size={block[0]}"] if block else [])
+               "-p", precision, "-e", "cpu", "-c", str(workdir / "builder-cache")]
+        cmd += ["--extra_options", *options] if options else []
         start = time.perf_counter()
         subprocess.run(cmd, check=True, capture_output=True)
         rows.append(dict(label=f"onnxruntime-genai builder {name}", path=out / "model.onnx",
@@ -174,9 +180,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--windows", type=int, default=64)
-    parser.add_argument("--rows", default="fp32,int8,w8a8,int4")
-    parser.add_argument("--int4", default="recipe", choices=["recipe", "rtn"])
-    parser.add_argument("--builder", default="int4-32,int4-64,int8")
+    parser.add_argument("--rows", default="fp32,int8,w8a8,int4,int4-rtn")
+    parser.add_argument("--builder", default="int4-32,int4-64,int4-32-rtn,int4-32-k_quant,int8")
     args = parser.parse_args()
     THREADS = args.threads
     torch.set_num_threads(args.threads)
@@ -184,7 +189,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="presso-cpu-decode-"))
     model.save_pretrained(workdir / "hf")
     tokenizer.save_pretrained(workdir / "hf")
-    rows = presso_rows(model, tokenizer, args.rows.split(","), args.int4, workdir)
+    rows = presso_rows(model, tokenizer, args.rows.split(","), workdir)
     rows += builder_rows(workdir / "hf", [b for b in args.builder.split(",") if b], workdir)
     fp32 = ev.perplexity(model, tokenizer, windows=args.windows)
     ids = ev.token_ids(tokenizer, ev.wikitext2("test"), LONG).numpy()[None]
