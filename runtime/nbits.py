@@ -1,8 +1,8 @@
 """Weight-only quantized linear and embedding: packed 4/8-bit codes, group-wise scales.
 
-The linear lowers to ONNX Runtime's ``com.microsoft::MatMulNBits``; the embedding lowers
-to standard ONNX (a ``Gather`` of packed rows, then unpacking), so a tied embedding and
-lm_head read one packed table. The torch reference rounds the activations to int8 per block,
+The linear lowers to ONNX Runtime's ``com.microsoft::MatMulNBits``; the embedding to its
+``GatherBlockQuantized`` on the same packed bytes, so a tied embedding and lm_head read one
+packed table. The torch reference rounds the activations to int8 per block,
 dequantizes the weight and runs a float matmul: what ``MatMulNBits`` computes at
 ``accuracy_level=4``.
 """
@@ -38,6 +38,24 @@ def _matmul_nbits_schema() -> OpSchema:
 
 _MATMUL_NBITS = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits",
                                      _matmul_nbits_schema())
+
+
+def _gather_block_quantized_schema() -> OpSchema:
+    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
+    attr = OpSchema.Attribute
+    return OpSchema(
+        "GatherBlockQuantized", "com.microsoft", 1,
+        inputs=[param("data", "T1"), param("indices", "Tind"), param("scales", "T2"),
+                param("zero_points", "T1", param_option=optional)],
+        outputs=[param("output", "T2")],
+        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", ["tensor(float)"], ""),
+                          ("Tind", ["tensor(int64)"], "")],
+        attributes=[attr(n, OpSchema.AttrType.INT) for n in ("bits", "block_size", "gather_axis", "quantize_axis")],
+    )
+
+
+_GATHER_BLOCK_QUANTIZED = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GatherBlockQuantized",
+                                               _gather_block_quantized_schema())
 
 
 def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
@@ -86,7 +104,7 @@ def _(x, packed, scales, zeros, k, n, bits, block_size):
 
 @torch.library.custom_op("presso::gather_nbits", mutates_args=())
 def gather_nbits(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
-                 k: int, bits: int) -> torch.Tensor:
+                 k: int, bits: int, block_size: int) -> torch.Tensor:
     """Rows ``ids`` of the packed table, dequantized: an embedding lookup."""
     flat = ids.reshape(-1)
     rows = dequantize_packed(packed[flat], scales[flat], None if zeros is None else zeros[flat], k, bits)
@@ -94,7 +112,7 @@ def gather_nbits(ids: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
 
 
 @gather_nbits.register_fake
-def _(ids, packed, scales, zeros, k, bits):
+def _(ids, packed, scales, zeros, k, bits, block_size):
     return torch.empty((*ids.shape, k), dtype=torch.float32, device=ids.device)
 
 
@@ -126,17 +144,32 @@ def _u8(value: int):
     return onnx.helper.make_tensor("u8", onnx.TensorProto.UINT8, [], [value])
 
 
-def gather_nbits_onnx(ids: INT64, packed, scales, zeros=None, k: int = 0, bits: int = 4) -> FLOAT:
+def gather_nbits_onnx(ids: INT64, packed, scales, zeros=None, k: int = 0, bits: int = 4,
+                      block_size: int = 32) -> FLOAT:
+    """``GatherBlockQuantized`` on the packed table as it is stored (``(n, blocks, blob)``, the
+    bytes a tied lm_head's ``MatMulNBits`` reads too): one node where unpacking takes twenty.
+    Its zero points must be shaped like the table, which 4-bit zero points packed two to a byte
+    are not: those tables unpack in standard ONNX."""
+    if zeros is not None and bits == 4:
+        return _gather_unpacked_onnx(ids, packed, scales, zeros, k, bits)
+    last = op.Constant(value_ints=[-1])
+    block_scales = op.Unsqueeze(op.Cast(scales, to=onnx.TensorProto.FLOAT), last)  # a scale per (row, block)
+    inputs = [packed, ids, block_scales] + ([] if zeros is None else [op.Unsqueeze(zeros, last)])
+    rows = _GATHER_BLOCK_QUANTIZED(*inputs, bits=bits, block_size=block_size, gather_axis=0, quantize_axis=2)
+    rows = op.Reshape(rows, op.Concat(op.Shape(ids), last, axis=0))  # (*ids, blocks, block) -> (*ids, blocks * block)
+    if k % block_size:
+        rows = op.Slice(rows, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), last)
+    return rows
+
+
+def _gather_unpacked_onnx(ids, packed, scales, zeros, k: int, bits: int):
     flat = op.Reshape(ids, op.Constant(value_ints=[-1]))
     codes = _unpack_onnx(op.Gather(packed, flat, axis=0), bits)  # (T, blocks, block)
     row_scales = op.Unsqueeze(op.Cast(op.Gather(scales, flat, axis=0), to=onnx.TensorProto.FLOAT),
                               op.Constant(value_ints=[-1]))
-    if zeros is None:
-        zero = op.Constant(value_float=float(2 ** (bits - 1)))
-    else:
-        zero = op.Slice(_unpack_onnx(op.Gather(zeros, flat, axis=0), bits), op.Constant(value_ints=[0]),
-                        op.Shape(scales, start=1, end=2), op.Constant(value_ints=[1]))
-        zero = op.Unsqueeze(zero, op.Constant(value_ints=[-1]))
+    zero = op.Slice(_unpack_onnx(op.Gather(zeros, flat, axis=0), bits), op.Constant(value_ints=[0]),
+                    op.Shape(scales, start=1, end=2), op.Constant(value_ints=[1]))
+    zero = op.Unsqueeze(zero, op.Constant(value_ints=[-1]))
     rows = op.Reshape(op.Mul(op.Sub(codes, zero), row_scales), op.Constant(value_ints=[0, -1]))
     rows = op.Slice(rows, op.Constant(value_ints=[0]), op.Constant(value_ints=[k]), op.Constant(value_ints=[1]))
     shape = op.Concat(op.Shape(ids), op.Constant(value_ints=[k]), axis=0)
@@ -221,7 +254,7 @@ class WeightOnlyEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         t = self.weight_q
-        rows = gather_nbits(ids, t.packed, t.group_scales(), t.zeros, t.in_features, t.fmt.bits)
+        rows = gather_nbits(ids, t.packed, t.group_scales(), t.zeros, t.in_features, t.fmt.bits, t.block_size)
         return rows if self.out_dtype == torch.float32 else rows.to(self.out_dtype)
 
     def logical_params(self) -> int:
