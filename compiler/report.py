@@ -63,7 +63,17 @@ class Report(dict):
             lines.append(f"exported ONNX file vs the compiled model, in ONNX Runtime: relative error "
                          f"{check['rel_error']:.3e} (tolerance {check['tolerance']:g}) on "
                          f"{', '.join(check['checked_on'])}")
+        if "fusions" in self:
+            lines.append(_fusions_line(self["fusions"]))
         return "\n".join(lines) + "\n"
+
+
+def _fusions_line(fusions: dict[str, Any]) -> str:
+    if "not_fused" in fusions:
+        return f"ONNX graph: {fusions['nodes']} nodes, not fused: {fusions['not_fused']}"
+    ops = ", ".join(f"{n} x{c}" for n, c in fusions["operators"].items())
+    packed = ", ".join(f"{k} x{v}" for k, v in fusions.get("packed", {}).items())
+    return f"ONNX graph: {fusions['nodes']} nodes; fused operators: {ops}; packed matmuls: {packed or 'none'}"
 
 
 def _short(value: Any) -> str:

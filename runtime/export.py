@@ -47,6 +47,8 @@ def export_artifact(compiled, path: str | os.PathLike, tokenizer: Any = None, kv
         bar.update()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(stage))
+        if "fusions" in extra:
+            compiled.report["fusions"] = extra["fusions"]
         if "decoder" in extra and "not_fused" not in extra["fusions"]:
             config = genai_config(compiled.graph.module, CacheLayout(**extra["decoder"]), target.name)
             write_json(stage / GENAI_CONFIG, config)

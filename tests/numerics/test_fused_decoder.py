@@ -55,6 +55,7 @@ def test_each_family_exports_fused_with_the_tokens_of_the_unfused_graph(family, 
     assert fused["fusions"]["nodes"] < plain["fusions"]["nodes"] / 3
     assert "not_fused" not in fused["fusions"] and fused["export_check"]["rel_error"] < 1e-4
     assert torch.equal(runs[True][1], runs[False][1])
+    assert "not fused: fusion turned off" in compiled.report.to_markdown()  # the last export's report
 
 
 PACKED_BOTH = {"qkv": 2, "gate_up": 2}  # every layer's q/k/v and gate/up as one matmul each
