@@ -140,6 +140,28 @@ def test_word_gemm_matches_reference(n, k, bits, group, symmetric):
 
 
 @pytest.mark.parametrize("n, k", SHAPES)
+@pytest.mark.parametrize("bits, group, symmetric", FORMATS)
+def test_dequantized_cublas_path_matches_reference(n, k, bits, group, symmetric):
+    """Prefill-sized batches: the weight dequantized from the words (padded K, zero points, both
+    half dtypes), then cuBLAS."""
+    from presso.runtime.triton import dequant
+
+    dtype = torch.bfloat16 if (n + bits) % 2 else torch.float16
+    packed, operands = _packed(n, k, bits, group, symmetric, dtype)
+    words = gemv_words.prepare_words(*operands)
+    exact = gemv_words.prepare_words(*weight_only.prepare(packed.packed, packed.scales, packed.zeros, bits,
+                                                          torch.float32))  # float32 scales: no rounding
+    w = dequant.dequantize_words(*exact, k, bits, torch.float32)
+    assert rel(w.t(), packed.dequantize().double().cpu()) < 1e-6  # every code, scale and zero in place
+    bias = torch.randn(n, device="cuda")
+    for m in (7, dequant.MIN_ROWS + 3):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
+        got = dequant.dequantize_matmul(x, *words, k, bits, bias.to(dtype))
+        assert got.shape == (m, n) and got.dtype == dtype and rel(got, ref) < TOLERANCE
+
+
+@pytest.mark.parametrize("n, k", SHAPES)
 def test_w8a8_matches_reference(n, k):
     linear = DynamicInt8Linear.from_weight(torch.randn(n, k), torch.randn(n))
     weight, scale, bias = (t.cuda() for t in (linear.weight_t.t().contiguous(), linear.weight_scale, linear.bias))
