@@ -67,6 +67,38 @@ def perturbed(modules, relative: float = PERTURBATION, seed: int = 0):
             h.remove()
 
 
+def modules_issuing_ops(root: torch.nn.Module, run) -> list[torch.nn.Module]:
+    """The submodules of ``root`` that call torch functions themselves while ``run()`` runs
+    (the innermost module active at each call), in call order: what :meth:`Graph.called_modules`
+    reads off a trace, found by one eager run instead of a trace."""
+    from torch.overrides import TorchFunctionMode
+
+    stack: list[torch.nn.Module] = []
+    issuing: dict[int, torch.nn.Module] = {}
+
+    class _Record(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if stack and id(stack[-1]) not in issuing:
+                issuing[id(stack[-1])] = stack[-1]
+            return func(*args, **(kwargs or {}))
+
+    def enter(module, _args):
+        stack.append(module)
+
+    def leave(_module, _args, _out):
+        stack.pop()
+
+    modules = [m for m in root.modules() if m is not root]
+    handles = [h for m in modules for h in (m.register_forward_pre_hook(enter), m.register_forward_hook(leave))]
+    try:
+        with _Record():
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    return list(issuing.values())
+
+
 def float_dtype(module: torch.nn.Module) -> torch.dtype:
     """The floating dtype holding most of ``module``'s parameters (float32 when it has none)."""
     sizes: dict[torch.dtype, int] = {}

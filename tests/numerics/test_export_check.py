@@ -103,3 +103,16 @@ def test_a_large_model_waits_on_disk_while_its_file_is_checked(tmp_path, monkeyp
         assert not list((tmp_path / "out").glob("weights-held*"))
     assert held == [0]  # every tensor emptied while the file ran
     assert torch.equal(compiled(example).logits, before)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "opt"])
+def test_modules_found_by_an_eager_run_are_those_the_trace_names(name):
+    """The export check's noise floor puts noise at every module that computes; one eager run
+    finds the modules the trace names, without the seconds a trace costs."""
+    from presso.numerics import modules_issuing_ops
+
+    model, example = build(name)
+    graph = presso.compile(model, [], example_inputs=example).graph
+    eager = modules_issuing_ops(graph.module, lambda: graph.run())
+    traced = list(graph.called_modules().values())
+    assert len(eager) == len(traced) and {id(m) for m in eager} == {id(m) for m in traced}
