@@ -19,43 +19,28 @@ from torch import nn
 from presso.runtime.quant import QuantizedWeight, WeightFormat, pack_codes, quantize_weight, scale_codes, unpack_codes
 
 
-def _matmul_nbits_schema() -> OpSchema:
-    """ONNX Runtime's contrib op, as far as presso uses it (onnx ships no schema for it)."""
-    param = OpSchema.FormalParameter
-    optional = OpSchema.FormalParameterOption.Optional
-    attr = OpSchema.Attribute
-    return OpSchema(
-        "MatMulNBits", "com.microsoft", 1,
-        inputs=[param("A", "T1"), param("B", "T2"), param("scales", "T1"),
-                param("zero_points", "T2", param_option=optional)],
-        outputs=[param("Y", "T1")],
-        type_constraints=[("T1", ["tensor(float)"], ""), ("T2", ["tensor(uint8)"], "")],
-        attributes=[attr("K", OpSchema.AttrType.INT), attr("N", OpSchema.AttrType.INT),
-                    attr("bits", OpSchema.AttrType.INT), attr("block_size", OpSchema.AttrType.INT),
-                    attr("accuracy_level", OpSchema.AttrType.INT)],
-    )
-
-
-_MATMUL_NBITS = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "MatMulNBits",
-                                     _matmul_nbits_schema())
-
-
-def _gather_block_quantized_schema() -> OpSchema:
+def _contrib_op(name: str, inputs: list[str], outputs: list[str], types: dict[str, str],
+                int_attributes: tuple[str, ...]) -> onnxscript.values.Op:
+    """ONNX Runtime's contrib op ``name`` as far as presso uses it (onnx ships no schema for
+    it). Inputs are ``"name:T"``; a trailing ``?`` makes one optional."""
     param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    attr = OpSchema.Attribute
-    return OpSchema(
-        "GatherBlockQuantized", "com.microsoft", 1,
-        inputs=[param("data", "T1"), param("indices", "Tind"), param("scales", "T2"),
-                param("zero_points", "T1", param_option=optional)],
-        outputs=[param("output", "T2")],
-        type_constraints=[("T1", ["tensor(uint8)"], ""), ("T2", ["tensor(float)"], ""),
-                          ("Tind", ["tensor(int64)"], "")],
-        attributes=[attr(n, OpSchema.AttrType.INT) for n in ("bits", "block_size", "gather_axis", "quantize_axis")],
-    )
+
+    def formal(spec: str) -> OpSchema.FormalParameter:
+        named, kind = spec.rstrip("?").split(":")
+        return param(named, kind, param_option=optional) if spec.endswith("?") else param(named, kind)
+
+    schema = OpSchema(name, "com.microsoft", 1, inputs=[formal(i) for i in inputs],
+                      outputs=[formal(o) for o in outputs],
+                      type_constraints=[(t, [f"tensor({v})"], "") for t, v in types.items()],
+                      attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT) for n in int_attributes])
+    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
 
 
-_GATHER_BLOCK_QUANTIZED = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GatherBlockQuantized",
-                                               _gather_block_quantized_schema())
+_MATMUL_NBITS = _contrib_op("MatMulNBits", ["A:T1", "B:T2", "scales:T1", "zero_points:T2?"], ["Y:T1"],
+                            {"T1": "float", "T2": "uint8"}, ("K", "N", "bits", "block_size", "accuracy_level"))
+_GATHER_BLOCK_QUANTIZED = _contrib_op(
+    "GatherBlockQuantized", ["data:T1", "indices:Tind", "scales:T2", "zero_points:T1?"], ["output:T2"],
+    {"T1": "uint8", "T2": "float", "Tind": "int64"}, ("bits", "block_size", "gather_axis", "quantize_axis"))
 
 
 def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
