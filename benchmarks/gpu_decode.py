@@ -1,0 +1,165 @@
+"""The decode half of ``python -m benchmarks.gpu``: a Llama-shaped decoder with random weights
+and a static KV cache, one token per step, each step captured in a CUDA graph on every side;
+its linears are ``nn.Linear`` (bf16) or presso's Triton modules, eager and through
+``torch.compile``."""
+from __future__ import annotations
+
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LLAMA_7B = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
+SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, layers=30)
+
+
+class Block(nn.Module):
+    def __init__(self, hidden, intermediate, heads, kv_heads, max_len):
+        super().__init__()
+        self.heads, self.kv_heads, self.hd = heads, kv_heads, hidden // heads
+        self.q, self.k = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, kv_heads * self.hd, bias=False)
+        self.v, self.o = nn.Linear(hidden, kv_heads * self.hd, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.gate = nn.Linear(hidden, intermediate, bias=False)
+        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.down = nn.Linear(intermediate, hidden, bias=False)
+        self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
+        self.register_buffer("keys", torch.zeros(1, kv_heads, max_len, self.hd))
+        self.register_buffer("values", torch.zeros(1, kv_heads, max_len, self.hd))
+
+    def forward(self, h, pos, mask, cos, sin):
+        x = self.norm1(h)
+        q = self.q(x).view(1, 1, self.heads, self.hd).transpose(1, 2)
+        k = self.k(x).view(1, 1, self.kv_heads, self.hd).transpose(1, 2)
+        v = self.v(x).view(1, 1, self.kv_heads, self.hd).transpose(1, 2)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+        self.keys.index_copy_(2, pos, k)
+        self.values.index_copy_(2, pos, v)
+        a = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask,
+                                           enable_gqa=self.kv_heads != self.heads)
+        h = h + self.o(a.transpose(1, 2).reshape(1, 1, -1))
+        x = self.norm2(h)
+        return h + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def rotate(t, cos, sin):
+    half = t.shape[-1] // 2
+    rotated = torch.cat([-t[..., half:], t[..., :half]], -1)
+    return t * cos + rotated * sin
+
+
+class Decoder(nn.Module):
+    """One token per call at position ``pos`` (a device tensor), KV cache in place: graph-capturable."""
+
+    def __init__(self, hidden, intermediate, heads, kv_heads, vocab, layers, max_len=2048):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, hidden)
+        self.blocks = nn.ModuleList(Block(hidden, intermediate, heads, kv_heads, max_len) for _ in range(layers))
+        self.norm, self.lm_head = nn.RMSNorm(hidden), nn.Linear(hidden, vocab, bias=False)
+        hd = hidden // heads
+        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+        angles = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
+        self.register_buffer("cos", angles.cos())
+        self.register_buffer("sin", angles.sin())
+        self.register_buffer("positions", torch.arange(max_len))
+
+    def forward(self, token, pos):
+        mask = (self.positions <= pos)[None, None, None, :]
+        cos, sin = self.cos[pos].to(self.embed.weight.dtype), self.sin[pos].to(self.embed.weight.dtype)
+        h = self.embed(token).view(1, 1, -1)
+        for block in self.blocks:
+            h = block(h, pos, mask, cos, sin)
+        return self.lm_head(self.norm(h))
+
+
+def quantized(decoder: Decoder, kind: str) -> Decoder:
+    """Every linear replaced the way presso's passes and the Triton backend would."""
+    from presso.runtime.int8 import DynamicInt8Linear
+    from presso.runtime.nbits import WeightOnlyLinear
+    from presso.runtime.quant import WeightFormat
+    from presso.runtime.triton.modules import to_triton
+
+    for path, module in list(decoder.named_modules()):
+        if isinstance(module, nn.Linear):
+            w = module.weight.detach().float()
+            new = (WeightOnlyLinear.quantize(w, None, WeightFormat(4, 128, True)) if kind == "int4"
+                   else DynamicInt8Linear.from_weight(w, None, per_token=True))
+            decoder.set_submodule(path, new)
+    to_triton(decoder)
+    return decoder.cuda()
+
+
+@torch.no_grad()
+def decode_ms(decoder: Decoder, context: int, steps: int = 200, compiled: bool = False) -> float:
+    """Median ms per token of a CUDA-graph-captured decode step at ``context`` tokens of cache.
+
+    ``compiled``: the step goes through ``torch.compile`` first (the quantized linears are
+    opaque custom ops there), so norms, rotary and SiLU fuse on every side alike.
+    """
+    token = torch.tensor([[7]], device="cuda")
+    pos = torch.tensor([context], device="cuda")
+    step = decoder
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):  # warm up: autotuning and lazy casts happen outside the capture
+            decoder(token, pos)
+        if compiled:
+            step = torch.compile(decoder, dynamic=False)
+            for _ in range(3):
+                step(token, pos)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(token, pos)
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return statistics.median(times)
+
+
+def decode_rows(layers: int, context: int) -> list[dict]:
+    rows = []
+    for name, shape in [(f"Llama-7B-shaped, {layers} layers", {**LLAMA_7B, "layers": layers}),
+                        ("SmolLM2-135M-shaped (30 layers)", SMOLLM2)]:
+        base = {}  # bf16 ms per mode
+        for kind in ("bf16", "int4", "w8a8"):
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                decoder = Decoder(**shape, max_len=context + 16).to(torch.bfloat16)
+            for p in decoder.parameters():
+                p.data.normal_(0, 0.02)
+            if kind != "bf16":
+                decoder = quantized(decoder, kind)
+            for compiled in (False, True):
+                try:
+                    ms = decode_ms(decoder, context, compiled=compiled)
+                except Exception as exc:  # a compile failure is a row, not the end of the run
+                    rows.append(dict(model=name, kind=kind, compiled=compiled, error=str(exc).splitlines()[0][:120]))
+                    print(rows[-1], flush=True)
+                    continue
+                base[compiled] = base.get(compiled, ms)
+                rows.append(dict(model=name, kind=kind, compiled=compiled, ms=ms, tokens_per_s=1e3 / ms,
+                                 speedup=base[compiled] / ms))
+                print(rows[-1], flush=True)
+            del decoder
+            torch.cuda.empty_cache()
+    return rows
+
+
+def decode_table(rows: list[dict], context: int) -> str:
+    lines = [f"| model (random weights, batch 1, {context} tokens of context, CUDA graphs) | step | weights "
+             "| ms/token | tokens/s | vs bf16 |", "|---|---|---|---:|---:|---:|"]
+    names = {"bf16": "bf16 (cuBLAS)", "int4": "presso int4 g128 (Triton)", "w8a8": "presso W8A8 (Triton)"}
+    for r in sorted(rows, key=lambda r: (r["model"], r["compiled"])):
+        mode = "torch.compile" if r["compiled"] else "eager"
+        cells = (f"failed: {r['error']} | | |" if "error" in r else
+                 f"{r['ms']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
+        lines.append(f"| {r['model']} | {mode} | {names[r['kind']]} | {cells}")
+    return "\n".join(lines)
