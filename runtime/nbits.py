@@ -9,38 +9,21 @@ dequantizes the weight and runs a float matmul: what ``MatMulNBits`` computes at
 from __future__ import annotations
 
 import onnx
-import onnxscript
 import torch
-from onnx.defs import OpSchema
 from onnxscript import FLOAT, INT64
 from onnxscript import opset18 as op
 from torch import nn
 
+from presso.runtime.contrib import contrib_op
 from presso.runtime.quant import QuantizedWeight, WeightFormat, pack_codes, quantize_weight, scale_codes, unpack_codes
 
-
-def _contrib_op(name: str, inputs: list[str], outputs: list[str], types: dict[str, str],
-                int_attributes: tuple[str, ...]) -> onnxscript.values.Op:
-    """ONNX Runtime's contrib op ``name`` as far as presso uses it (onnx ships no schema for
-    it). Inputs are ``"name:T"``; a trailing ``?`` makes one optional."""
-    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-
-    def formal(spec: str) -> OpSchema.FormalParameter:
-        named, kind = spec.rstrip("?").split(":")
-        return param(named, kind, param_option=optional) if spec.endswith("?") else param(named, kind)
-
-    schema = OpSchema(name, "com.microsoft", 1, inputs=[formal(i) for i in inputs],
-                      outputs=[formal(o) for o in outputs],
-                      type_constraints=[(t, [f"tensor({v})"], "") for t, v in types.items()],
-                      attributes=[OpSchema.Attribute(n, OpSchema.AttrType.INT) for n in int_attributes])
-    return onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), name, schema)
-
-
-_MATMUL_NBITS = _contrib_op("MatMulNBits", ["A:T1", "B:T2", "scales:T1", "zero_points:T2?"], ["Y:T1"],
-                            {"T1": "float", "T2": "uint8"}, ("K", "N", "bits", "block_size", "accuracy_level"))
-_GATHER_BLOCK_QUANTIZED = _contrib_op(
+_MATMUL_NBITS = contrib_op("MatMulNBits", ["A:T1", "B:T2", "scales:T1", "zero_points:T2?"], ["Y:T1"],
+                           {"T1": "float", "T2": "uint8"},
+                           dict.fromkeys(("K", "N", "bits", "block_size", "accuracy_level"), "int"))
+_GATHER_BLOCK_QUANTIZED = contrib_op(
     "GatherBlockQuantized", ["data:T1", "indices:Tind", "scales:T2", "zero_points:T1?"], ["output:T2"],
-    {"T1": "uint8", "T2": "float", "Tind": "int64"}, ("bits", "block_size", "gather_axis", "quantize_axis"))
+    {"T1": "uint8", "T2": "float", "Tind": "int64"},
+    dict.fromkeys(("bits", "block_size", "gather_axis", "quantize_axis"), "int"))
 
 
 def dequantize_packed(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,

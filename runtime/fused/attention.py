@@ -10,28 +10,17 @@ after it, runs in any batch).
 """
 from __future__ import annotations
 
-import onnxscript
 import torch
-from onnx.defs import OpSchema
 from onnxscript import FLOAT, INT32
 
+from presso.runtime.contrib import contrib_op
 
-def _schema() -> OpSchema:
-    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    attr = OpSchema.Attribute
-    float_in = ["query", "key", "value", "past_key", "past_value"]
-    return OpSchema(
-        "GroupQueryAttention", "com.microsoft", 1,
-        inputs=[*(param(n, "T") for n in float_in), param("seqlens_k", "M"), param("total_sequence_length", "M"),
-                param("cos_cache", "T", param_option=optional), param("sin_cache", "T", param_option=optional)],
-        outputs=[param("output", "T"), param("present_key", "T"), param("present_value", "T")],
-        type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int32)"], "")],
-        attributes=[attr("num_heads", OpSchema.AttrType.INT), attr("kv_num_heads", OpSchema.AttrType.INT),
-                    attr("scale", OpSchema.AttrType.FLOAT), attr("do_rotary", OpSchema.AttrType.INT)],
-    )
-
-
-_GQA = onnxscript.values.Op(onnxscript.values.Opset("com.microsoft", 1), "GroupQueryAttention", _schema())
+_GQA = contrib_op(
+    "GroupQueryAttention",
+    ["query:T", "key:T?", "value:T?", "past_key:T", "past_value:T", "seqlens_k:M", "total_sequence_length:M",
+     "cos_cache:T?", "sin_cache:T?"],
+    ["output:T", "present_key:T", "present_value:T"], {"T": "float", "M": "int32"},
+    {"num_heads": "int", "kv_num_heads": "int", "scale": "float", "do_rotary": "int"})
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -4,26 +4,15 @@ block's) stays in standard ONNX: ONNX Runtime's ``SimplifiedLayerNormalization``
 standard domain, where ``onnx.checker`` refuses it."""
 from __future__ import annotations
 
-import onnxscript
 import torch
-from onnx.defs import OpSchema
 from onnxscript import FLOAT
 from onnxscript import opset18 as op
 
+from presso.runtime.contrib import contrib_op
 
-def _schema(name: str, domain: str, inputs: list[str], outputs: list[str]) -> OpSchema:
-    param, optional = OpSchema.FormalParameter, OpSchema.FormalParameterOption.Optional
-    return OpSchema(name, domain, 1, inputs=[param(n, "T") for n in inputs],
-                    outputs=[param(n, "T", param_option=optional if i else OpSchema.FormalParameterOption.Single)
-                             for i, n in enumerate(outputs)],
-                    type_constraints=[("T", ["tensor(float)"], "")],
-                    attributes=[OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT)])
-
-
-_SKIP_RMS = onnxscript.values.Op(
-    onnxscript.values.Opset("com.microsoft", 1), "SkipSimplifiedLayerNormalization",
-    _schema("SkipSimplifiedLayerNormalization", "com.microsoft", ["input", "skip", "gamma"],
-            ["output", "mean", "inv_std_var", "input_skip_bias_sum"]))
+_SKIP_RMS = contrib_op("SkipSimplifiedLayerNormalization", ["input:T", "skip:T", "gamma:T"],
+                       ["output:T", "mean:T?", "inv_std_var:T?", "input_skip_bias_sum:T?"], {"T": "float"},
+                       {"epsilon": "float"})
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
