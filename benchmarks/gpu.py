@@ -1,6 +1,6 @@
 """Triton kernels and decode speed on one CUDA GPU, against cuBLAS bf16 and torch's int4 kernel.
 
-    python -m benchmarks.gpu [--part kernels,decode] [--layers 8] [--out FILE]
+    python -m benchmarks.gpu [--part kernels,decode] [--models 8b,smollm2] [--out FILE]
 
 Kernel table: ``y = x @ W.T`` for weights (N, K) and batch M, bf16 activations. Rows:
 cuBLAS bf16 (``F.linear``); torch's ``_weight_int4pack_mm`` (group 128); presso int4
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.gpu_decode import decode_rows, decode_table
+from benchmarks.gpu_decode import MODELS, decode_rows, decode_table
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096), (1536, 576), (576, 1536)]
 BATCHES = [1, 4, 16, 64, 256, 512, 2048]
@@ -176,7 +176,7 @@ def kernel_rows(copy_bw: float) -> list[dict]:
 
 def sweep_rows(n: int = 4096, k: int = 4096, only: str = "") -> list[dict]:
     """Every configuration of each kernel timed on its own (the autotuner's view, for tuning the config lists)."""
-    from presso.runtime.triton import gemv_words, w8a8, weight_only
+    from presso.runtime.triton import gemm_words, gemv_words, w8a8, weight_only
 
     sets, rows = weight_sets(n, k), []
     plans = [(1, "int4 gemv", weight_only._gemv_kernel, lambda x, s, c: weight_only.weight_only_matmul(
@@ -186,6 +186,8 @@ def sweep_rows(n: int = 4096, k: int = 4096, only: str = "") -> list[dict]:
              (64, "W8A8", w8a8._w8a8_kernel, lambda x, s, c: w8a8.w8a8_matmul(x, *s["w8a8"], config=c)),
              (1, "int4 words gemv", gemv_words._gemv_words_kernel,
               lambda x, s, c: gemv_words.gemv_words(x, *s["int4w"], k, 4, config=c))]
+    plans += [(m, f"int4 words gemm M={m}", gemm_words._gemm_words_kernel,
+               lambda x, s, c: gemm_words.gemm_words(x, *s["int4w"], k, 4, config=c)) for m in (16, 64, 256)]
     for m, name, kernel, call in [p for p in plans if only in p[1]]:
         x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         for c in kernel.configs:
@@ -250,7 +252,8 @@ def summary(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", default="kernels,decode")
-    parser.add_argument("--layers", type=int, default=8, help="layers of the Llama-7B-shaped model")
+    parser.add_argument("--models", default="8b,smollm2,smollm2-unpacked",
+                        help="decode models: " + ", ".join(MODELS))
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--sweep", default="", help="sweep only the kernels whose name holds this")
     parser.add_argument("--sweep-shape", default="4096x4096", help="N x K of the sweep")
@@ -270,7 +273,7 @@ def main() -> None:
         rows = kernel_rows(copy_bw)
         text += ["", kernel_table(rows), "", summary(rows)]
     if "decode" in args.part:
-        text += ["", decode_table(decode_rows(args.layers, args.context), args.context)]
+        text += ["", decode_table(decode_rows(args.models, args.context), args.context)]
     out = "\n".join(text)
     print(out)
     if args.out:

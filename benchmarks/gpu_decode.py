@@ -11,35 +11,47 @@ import torch.nn.functional as F
 from torch import nn
 
 LLAMA_7B = dict(hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000)
+LLAMA3_8B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256, layers=32)
 SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, layers=30)
 
 
 class Block(nn.Module):
-    def __init__(self, hidden, intermediate, heads, kv_heads, max_len):
+    """``packed``: q/k/v as one linear and gate/up as another (one launch each, outputs split)."""
+
+    def __init__(self, hidden, intermediate, heads, kv_heads, max_len, batch=1, packed=True):
         super().__init__()
-        self.heads, self.kv_heads, self.hd = heads, kv_heads, hidden // heads
-        self.q, self.k = nn.Linear(hidden, hidden, bias=False), nn.Linear(hidden, kv_heads * self.hd, bias=False)
-        self.v, self.o = nn.Linear(hidden, kv_heads * self.hd, bias=False), nn.Linear(hidden, hidden, bias=False)
-        self.gate = nn.Linear(hidden, intermediate, bias=False)
-        self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.heads, self.kv_heads, self.hd, self.packed = heads, kv_heads, hidden // heads, packed
+        widths = [hidden, kv_heads * self.hd, kv_heads * self.hd]
+        if packed:
+            self.qkv = nn.Linear(hidden, sum(widths), bias=False)
+            self.gate_up = nn.Linear(hidden, 2 * intermediate, bias=False)
+        else:
+            self.q, self.k, self.v = (nn.Linear(hidden, w, bias=False) for w in widths)
+            self.gate = nn.Linear(hidden, intermediate, bias=False)
+            self.up = nn.Linear(hidden, intermediate, bias=False)
+        self.widths = widths
+        self.o = nn.Linear(hidden, hidden, bias=False)
         self.down = nn.Linear(intermediate, hidden, bias=False)
         self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
-        self.register_buffer("keys", torch.zeros(1, kv_heads, max_len, self.hd))
-        self.register_buffer("values", torch.zeros(1, kv_heads, max_len, self.hd))
+        self.register_buffer("keys", torch.zeros(batch, kv_heads, max_len, self.hd))
+        self.register_buffer("values", torch.zeros(batch, kv_heads, max_len, self.hd))
 
     def forward(self, h, pos, mask, cos, sin):
+        b = h.shape[0]
         x = self.norm1(h)
-        q = self.q(x).view(1, 1, self.heads, self.hd).transpose(1, 2)
-        k = self.k(x).view(1, 1, self.kv_heads, self.hd).transpose(1, 2)
-        v = self.v(x).view(1, 1, self.kv_heads, self.hd).transpose(1, 2)
+        q, k, v = self.qkv(x).split(self.widths, -1) if self.packed else (self.q(x), self.k(x), self.v(x))
+        q = q.view(b, 1, self.heads, self.hd).transpose(1, 2)
+        k = k.view(b, 1, self.kv_heads, self.hd).transpose(1, 2)
+        v = v.view(b, 1, self.kv_heads, self.hd).transpose(1, 2)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         self.keys.index_copy_(2, pos, k)
         self.values.index_copy_(2, pos, v)
         a = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask,
                                            enable_gqa=self.kv_heads != self.heads)
-        h = h + self.o(a.transpose(1, 2).reshape(1, 1, -1))
+        h = h + self.o(a.transpose(1, 2).reshape(b, 1, -1))
         x = self.norm2(h)
-        return h + self.down(F.silu(self.gate(x)) * self.up(x))
+        gate, up = self.gate_up(x).chunk(2, -1) if self.packed else (self.gate(x), self.up(x))
+        return h + self.down(F.silu(gate) * up)
 
 
 def rotate(t, cos, sin):
@@ -51,10 +63,11 @@ def rotate(t, cos, sin):
 class Decoder(nn.Module):
     """One token per call at position ``pos`` (a device tensor), KV cache in place: graph-capturable."""
 
-    def __init__(self, hidden, intermediate, heads, kv_heads, vocab, layers, max_len=2048):
+    def __init__(self, hidden, intermediate, heads, kv_heads, vocab, layers, max_len=2048, batch=1, packed=True):
         super().__init__()
         self.embed = nn.Embedding(vocab, hidden)
-        self.blocks = nn.ModuleList(Block(hidden, intermediate, heads, kv_heads, max_len) for _ in range(layers))
+        self.blocks = nn.ModuleList(Block(hidden, intermediate, heads, kv_heads, max_len, batch, packed)
+                                    for _ in range(layers))
         self.norm, self.lm_head = nn.RMSNorm(hidden), nn.Linear(hidden, vocab, bias=False)
         hd = hidden // heads
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
@@ -66,7 +79,7 @@ class Decoder(nn.Module):
     def forward(self, token, pos):
         mask = (self.positions <= pos)[None, None, None, :]
         cos, sin = self.cos[pos].to(self.embed.weight.dtype), self.sin[pos].to(self.embed.weight.dtype)
-        h = self.embed(token).view(1, 1, -1)
+        h = self.embed(token).view(token.shape[0], 1, -1)
         for block in self.blocks:
             h = block(h, pos, mask, cos, sin)
         return self.lm_head(self.norm(h))
@@ -90,28 +103,29 @@ def quantized(decoder: Decoder, kind: str) -> Decoder:
 
 
 @torch.no_grad()
-def decode_ms(decoder: Decoder, context: int, steps: int = 200, compiled: bool = False) -> float:
-    """Median ms per token of a CUDA-graph-captured decode step at ``context`` tokens of cache.
+def decode_ms(decoder: Decoder, context: int, batch: int = 1, steps: int = 100, compiled: bool = False) -> float:
+    """Median ms per step (``batch`` tokens) of a CUDA-graph-captured decode step at ``context`` tokens of cache.
 
-    ``compiled``: the step goes through ``torch.compile`` first (the quantized linears are
-    opaque custom ops there), so norms, rotary and SiLU fuse on every side alike.
+    ``compiled``: each block goes through ``torch.compile`` first (the quantized linears are
+    opaque custom ops there), so norms, rotary and SiLU fuse on every side alike; the blocks
+    share one compiled graph, so a 32-layer model compiles once.
     """
-    token = torch.tensor([[7]], device="cuda")
+    token = torch.full((batch, 1), 7, device="cuda")
     pos = torch.tensor([context], device="cuda")
-    step = decoder
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(3):  # warm up: autotuning and lazy casts happen outside the capture
             decoder(token, pos)
         if compiled:
-            step = torch.compile(decoder, dynamic=False)
+            for block in decoder.blocks:
+                block.compile(dynamic=False)
             for _ in range(3):
-                step(token, pos)
+                decoder(token, pos)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        step(token, pos)
+        decoder(token, pos)
     times = []
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -124,42 +138,60 @@ def decode_ms(decoder: Decoder, context: int, steps: int = 200, compiled: bool =
     return statistics.median(times)
 
 
-def decode_rows(layers: int, context: int) -> list[dict]:
+MODELS = {
+    "8b": ("Llama-3-8B-shaped (32 layers)", LLAMA3_8B, (1, 16), True),
+    "smollm2": ("SmolLM2-135M-shaped (30 layers)", SMOLLM2, (1,), True),
+    "smollm2-unpacked": ("SmolLM2-135M-shaped, q/k/v and gate/up unpacked", SMOLLM2, (1,), False),
+    "7b": ("Llama-7B-shaped (8 layers)", {**LLAMA_7B, "layers": 8}, (1,), True),
+}
+
+
+def build(shape: dict, context: int, batch: int, packed: bool, kind: str) -> Decoder:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # no float32 copy of an 8B model on the way
+    try:
+        with torch.device("cuda"):
+            decoder = Decoder(**shape, max_len=context + 16, batch=batch, packed=packed)
+    finally:
+        torch.set_default_dtype(default)
+    for p in decoder.parameters():
+        p.data.normal_(0, 0.02)
+    return decoder if kind == "bf16" else quantized(decoder, kind)
+
+
+def decode_rows(models: str, context: int, kinds=("bf16", "int4", "w8a8")) -> list[dict]:
     rows = []
-    for name, shape in [(f"Llama-7B-shaped, {layers} layers", {**LLAMA_7B, "layers": layers}),
-                        ("SmolLM2-135M-shaped (30 layers)", SMOLLM2)]:
-        base = {}  # bf16 ms per mode
-        for kind in ("bf16", "int4", "w8a8"):
-            torch.manual_seed(0)
-            with torch.device("cuda"):
-                decoder = Decoder(**shape, max_len=context + 16).to(torch.bfloat16)
-            for p in decoder.parameters():
-                p.data.normal_(0, 0.02)
-            if kind != "bf16":
-                decoder = quantized(decoder, kind)
-            for compiled in (False, True):
-                try:
-                    ms = decode_ms(decoder, context, compiled=compiled)
-                except Exception as exc:  # a compile failure is a row, not the end of the run
-                    rows.append(dict(model=name, kind=kind, compiled=compiled, error=str(exc).splitlines()[0][:120]))
+    for key in models.split(","):
+        name, shape, batches, packed = MODELS[key]
+        for batch in batches:
+            base = {}  # bf16 ms per mode
+            for kind in kinds:
+                decoder = build(shape, context, batch, packed, kind)
+                for compiled in (False, True):
+                    row = dict(model=name, batch=batch, kind=kind, compiled=compiled)
+                    try:
+                        ms = decode_ms(decoder, context, batch, compiled=compiled)
+                    except Exception as exc:  # a compile failure is a row, not the end of the run
+                        rows.append(row | dict(error=str(exc).splitlines()[0][:120]))
+                        print(rows[-1], flush=True)
+                        continue
+                    base[compiled] = base.get(compiled, ms)
+                    rows.append(row | dict(ms=ms, tokens_per_s=batch * 1e3 / ms, speedup=base[compiled] / ms))
                     print(rows[-1], flush=True)
-                    continue
-                base[compiled] = base.get(compiled, ms)
-                rows.append(dict(model=name, kind=kind, compiled=compiled, ms=ms, tokens_per_s=1e3 / ms,
-                                 speedup=base[compiled] / ms))
-                print(rows[-1], flush=True)
-            del decoder
-            torch.cuda.empty_cache()
+                del decoder
+                torch._dynamo.reset()
+                torch.cuda.empty_cache()
     return rows
 
 
 def decode_table(rows: list[dict], context: int) -> str:
-    lines = [f"| model (random weights, batch 1, {context} tokens of context, CUDA graphs) | step | weights "
-             "| ms/token | tokens/s | vs bf16 |", "|---|---|---|---:|---:|---:|"]
+    lines = [f"| model (random weights, {context} tokens of context, CUDA graphs) | batch | step | weights "
+             "| ms/step | tokens/s | vs bf16 |", "|---|---:|---|---|---:|---:|---:|"]
     names = {"bf16": "bf16 (cuBLAS)", "int4": "presso int4 g128 (Triton)", "w8a8": "presso W8A8 (Triton)"}
-    for r in sorted(rows, key=lambda r: (r["model"], r["compiled"])):
+    for r in sorted(rows, key=lambda r: (r["model"], r["batch"], r["compiled"])):
         mode = "torch.compile" if r["compiled"] else "eager"
         cells = (f"failed: {r['error']} | | |" if "error" in r else
                  f"{r['ms']:.3f} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x |")
-        lines.append(f"| {r['model']} | {mode} | {names[r['kind']]} | {cells}")
+        lines.append(f"| {r['model']} | {r['batch']} | {mode} | {names[r['kind']]} | {cells}")
     return "\n".join(lines)

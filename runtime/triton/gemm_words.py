@@ -23,12 +23,20 @@ from presso.runtime.triton import tuning
 
 
 def _configs() -> list[triton.Config]:
-    # from an H100 sweep at M=16 and M=64 (4096x4096, 11008x4096): 16 words a tile, few stages
+    # split slices (UNPACK=0), from an H100 sweep at M=16 and M=64 (4096x4096, 11008x4096): 16 words a tile
     rows = [(16, 64, 8, 4, 3), (16, 128, 16, 4, 2), (16, 256, 16, 4, 2), (16, 128, 8, 4, 3), (16, 64, 16, 4, 3),
             (32, 256, 8, 4, 3), (64, 128, 8, 4, 2), (64, 64, 4, 4, 3), (64, 64, 8, 4, 3)]
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TILE_W=16, SPLIT_K=sk, PAIRS=pairs), num_warps=warps,
+    out = [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TILE_W=16, SPLIT_K=sk, PAIRS=pairs, UNPACK=0),
+                         num_warps=warps, num_stages=stages, pre_hook=tuning.zero_output if sk > 1 else None)
+           for bm, bn, sk, warps, stages in rows for pairs in (0, 1)]
+    # one tile unpacked in K order (UNPACK=1): one tl.dot over the whole tile, x loaded as it lies
+    unpacked = [(16, 64, 16, 4, 4, 4), (16, 128, 16, 4, 4, 3), (16, 64, 8, 8, 4, 4), (32, 64, 16, 4, 4, 3),
+                (32, 128, 16, 2, 4, 3), (64, 64, 16, 4, 4, 3), (64, 128, 16, 2, 8, 3), (64, 128, 16, 1, 4, 4),
+                (128, 128, 16, 1, 8, 3), (128, 256, 16, 1, 8, 3), (64, 256, 16, 1, 8, 3), (128, 128, 8, 1, 4, 4)]
+    out += [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TILE_W=tw, SPLIT_K=sk, PAIRS=0, UNPACK=1), num_warps=warps,
                           num_stages=stages, pre_hook=tuning.zero_output if sk > 1 else None)
-            for bm, bn, sk, warps, stages in rows for pairs in (0, 1)]
+            for bm, bn, tw, sk, warps, stages in unpacked]
+    return out
 
 
 def _prune(configs, named_args, **kwargs):
@@ -39,7 +47,8 @@ def _prune(configs, named_args, **kwargs):
             and c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
             and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
             and (pairs_ok or not c.kwargs["PAIRS"])]
-    return kept or [triton.Config(dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=1, PAIRS=0), num_warps=4)]
+    return kept or [triton.Config(dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=1, PAIRS=0, UNPACK=0),
+                                  num_warps=4)]
 
 
 @triton.jit
@@ -94,13 +103,34 @@ def _dot_pair(part, x_lo, x_hi, words, j: tl.constexpr, scale, ONE_SCALE: tl.con
     return tl.dot(x_hi, hi, tl.dot(x_lo, lo, part))
 
 
+@triton.jit
+def _dot_unpacked(part, xt, words, offset, scale, BITS: tl.constexpr, MASK: tl.constexpr, CPW: tl.constexpr,
+                  ONE_SCALE: tl.constexpr, HAS_ZEROS: tl.constexpr, dtype: tl.constexpr):
+    """``part + xt @ W_tile``: every code of the ``(TILE_W, BLOCK_N)`` words, in K order, in one product.
+
+    Code ``j`` of word ``w`` is row ``CPW * w + j``: broadcasting the words against the shifts
+    gives ``(TILE_W, CPW, BLOCK_N)``, which reshapes to the ``(TILE_W * CPW, BLOCK_N)`` tile.
+    """
+    shifts = tl.arange(0, CPW) * BITS
+    w = (((words[:, None, :] >> shifts[None, :, None]) & MASK) | 0x4B000000).to(tl.float32, bitcast=True)
+    if HAS_ZEROS:  # offset (1, BLOCK_N) for a tile in one block, else (TILE_W, BLOCK_N)
+        w = w - offset[:, None, :]
+    else:
+        w = w - offset
+    if not ONE_SCALE:
+        w = w * scale[:, None, :]
+    w = tl.reshape(w.to(dtype), (xt.shape[1], w.shape[2]))
+    return tl.dot(xt, w, part)
+
+
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune},
+                 do_bench=tuning.bench_in_graph)
 @triton.jit
 def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, WORDS, stride_xm, stride_om,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PAIRS: tl.constexpr):
+                       PAIRS: tl.constexpr, UNPACK: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS  # codes per word
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
@@ -113,7 +143,7 @@ def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, W
     per_split = tl.cdiv(tiles, SPLIT_K)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k * per_split, min((pid_k + 1) * per_split, tiles)):
+    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
         rw = t * TILE_W + tl.arange(0, TILE_W)
         mask_w = rw < WORDS
         mask = mask_w[:, None] & mask_n[None, :]
@@ -138,7 +168,9 @@ def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, W
         rk = t * TILE_W * CPW + tl.arange(0, TILE_W * CPW)
         xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
                      other=0.0)
-        if CPW == 8:
+        if UNPACK:
+            part = _dot_unpacked(part, xt, words, offset, scale, BITS, MASK, CPW, ONE_SCALE, HAS_ZEROS, dtype)
+        elif CPW == 8:
             even, odd = tl.split(tl.reshape(xt, (BLOCK_M, TILE_W, 4, 2)))
             x04, x26 = tl.split(tl.reshape(even, (BLOCK_M, TILE_W, 2, 2)))
             x15, x37 = tl.split(tl.reshape(odd, (BLOCK_M, TILE_W, 2, 2)))
@@ -199,5 +231,5 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     kernel[grid](x2, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, m, n, k, n_words, x2.stride(0), out.stride(0),
                  BITS=bits, GROUP=group, HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None,
-                 **({} if config is None else {"num_warps": 4, "PAIRS": 0} | config))
+                 **({} if config is None else {"num_warps": 4, "PAIRS": 0, "UNPACK": 0} | config))
     return out.reshape(*x.shape[:-1], n)

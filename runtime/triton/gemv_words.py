@@ -161,7 +161,8 @@ def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w):
     return _half2_pair(lo, hi)[:, None]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
 @triton.jit
 def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORDS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,

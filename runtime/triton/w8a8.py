@@ -61,7 +61,8 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] == want] or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"], prune_configs_by={"early_config_prune": _prune})
+@triton.autotune(configs=_configs(), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
 @triton.jit
 def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from presso.runtime.triton import tuning
+from presso.runtime.triton import dequant, tuning
 from presso.runtime.triton.gemm_words import gemm_words
 from presso.runtime.triton.gemv_words import gemv_words
 
@@ -50,7 +50,8 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS"],
-                 prune_configs_by={"early_config_prune": _prune})
+                 prune_configs_by={"early_config_prune": _prune},
+                 do_bench=tuning.bench_in_graph)
 @triton.jit
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -113,7 +114,8 @@ def _gemv_prune(configs, named_args, **kwargs):
 
 
 @triton.autotune(configs=_gemv_configs(), key=["M", "N", "K", "GROUP", "BITS"],
-                 prune_configs_by={"early_config_prune": _gemv_prune})
+                 prune_configs_by={"early_config_prune": _gemv_prune},
+                 do_bench=tuning.bench_in_graph)
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -219,7 +221,8 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     """``x (..., k) @ W.T`` for ``W (n, k)`` from :func:`prepare`'s operands; output in ``x``'s dtype.
 
     ``words``: :func:`gemv_words.prepare_words`'s copy of the same weight, which the autotuned
-    kernels read when it is given (:mod:`gemv_words` for one row, :mod:`gemm_words` for more).
+    kernels read when it is given (:mod:`gemv_words` for one row, :mod:`gemm_words` for more,
+    :mod:`dequant` and cuBLAS from ``dequant.MIN_ROWS`` rows).
     """
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
@@ -228,7 +231,7 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         x2 = x2.contiguous()
     m = x2.shape[0]
     if words is not None and config is None:  # batch 1 on CUDA cores, more rows on tensor cores
-        kernel = gemv_words if m == 1 else gemm_words
+        kernel = gemv_words if m == 1 else gemm_words if m < dequant.MIN_ROWS else dequant.dequantize_matmul
         return kernel(x2, *words, k, bits, bias).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 

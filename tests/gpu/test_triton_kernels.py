@@ -127,6 +127,8 @@ def test_word_gemm_matches_reference(n, k, bits, group, symmetric):
         ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
         configs = [dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=3, PAIRS=p) for p in pairs]
         configs += [dict(BLOCK_M=64, BLOCK_N=32, TILE_W=16, SPLIT_K=1, PAIRS=pairs[-1]), None]
+        configs += [dict(BLOCK_M=32, BLOCK_N=64, TILE_W=16, SPLIT_K=2, UNPACK=1),  # one product per tile
+                    dict(BLOCK_M=16, BLOCK_N=128, TILE_W=8, SPLIT_K=1, UNPACK=1, num_stages=4)]
         for config in configs:
             got = gemm_words.gemm_words(x, *words, k, bits, bias.to(dtype), config=config)
             assert got.shape == (m, n) and got.dtype == dtype
