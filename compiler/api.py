@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from presso import distributed
 from presso.compiled import CompiledModel
 from presso.errors import ConfigError, ExportError, PressoError, TraceError
 from presso.graph import Graph, user_frame
@@ -126,8 +127,8 @@ def _backend(name: str):
 
 
 def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name is None:  # a rank of a several-GPU run takes its own GPU
+        return distributed.local_device() or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
     except RuntimeError as exc:

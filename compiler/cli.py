@@ -46,6 +46,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     import torch
 
     import presso
+    from presso import distributed
     from presso import eval as ev
 
     recipe = load_recipe(args.recipe) if args.recipe else None
@@ -67,10 +68,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
     # finished blocks are kept beside the output until the export is in place: a stopped run
     # given the same --out starts after its last finished block
     progress = out.parent / f".{out.name}.progress"
-    compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration, resume=progress)
-    print(f"exporting to {out} ...", file=sys.stderr)
-    compiled.export(out, tokenizer=tokenizer)
-    shutil.rmtree(progress, ignore_errors=True)
+    with distributed.process_group():  # under torchrun: calibration shared by the processes
+        compiled = presso.compile(model, passes, example_inputs=example, calibration=calibration, resume=progress)
+        if not distributed.is_main():  # every rank holds the same model; rank 0 writes it
+            return 0
+        print(f"exporting to {out} ...", file=sys.stderr)
+        compiled.export(out, tokenizer=tokenizer)
+        shutil.rmtree(progress, ignore_errors=True)
     print(compiled.report.to_markdown())
     return 0
 

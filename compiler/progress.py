@@ -20,12 +20,17 @@ from typing import Any
 import torch
 from torch import nn
 
+from presso import distributed
 from presso.errors import ExportError
 
 
 class PassProgress:
     """The saved blocks of one pass run: ``block-K.pt`` (block K as the pass left it) and
-    ``inputs-K.pt`` (the calibration inputs of block K, that is block K-1's outputs)."""
+    ``inputs-K.pt`` (the calibration inputs of block K, that is block K-1's outputs).
+
+    Across processes, rank 0 writes the blocks (every rank holds the same) and each rank the
+    inputs of its own calibration share (``inputs-K-rankR-ofW.pt``); a run resumes after the
+    last block that every rank finished."""
 
     def __init__(self, folder: Path):
         self.folder = folder
@@ -39,7 +44,7 @@ class PassProgress:
             last += 1
         while last >= 0 and not (self.folder / _inputs_file(last + 1)).is_file():
             last -= 1
-        return last
+        return distributed.reduce_min(last)
 
     def load(self, index: int, device: torch.device) -> nn.Module:
         return torch.load(self.folder / _block_file(index), map_location="cpu", weights_only=False).to(device)
@@ -50,9 +55,12 @@ class PassProgress:
 
     def save(self, index: int, block: nn.Module, next_calls: list) -> None:
         """Block ``index``, then the inputs of the next block; the inputs of block ``index`` go
-        last, so a stop anywhere leaves a consistent earlier state."""
-        atomic_save(block, self.folder / _block_file(index))
+        last (once every rank wrote its next ones), so a stop anywhere leaves a consistent
+        earlier state."""
+        if distributed.is_main():
+            atomic_save(block, self.folder / _block_file(index))
         atomic_save(next_calls, self.folder / _inputs_file(index + 1))
+        distributed.barrier()
         (self.folder / _inputs_file(index)).unlink(missing_ok=True)
 
 
@@ -70,9 +78,10 @@ class Progress:
 
     def begin(self, index: int, name: str, config: dict[str, Any], model: nn.Module, calibration) -> None:
         key = _fingerprint(index, name, config, model, calibration)
-        for stale in self.folder.glob(f"{index:02d}-*"):
+        for stale in self.folder.glob(f"{index:02d}-*") if distributed.is_main() else ():
             if stale.name != f"{index:02d}-{name}-{key}":
                 shutil.rmtree(stale)  # the same position, other work: not to be resumed
+        distributed.barrier()
         self.current = PassProgress(self.folder / f"{index:02d}-{name}-{key}")
 
     def end(self) -> None:
@@ -84,7 +93,7 @@ def _block_file(index: int) -> str:
 
 
 def _inputs_file(index: int) -> str:
-    return f"inputs-{index:04d}.pt"
+    return f"inputs-{index:04d}{distributed.file_suffix()}.pt"
 
 
 def atomic_save(obj: Any, target: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_map
 
+from presso import distributed
 from presso.graph import Graph, replace_module
 from presso.passes.common.activations import CallStore, activation_budget, call_size
 from presso.passes.common.capture import before_calls, calls_of, inputs_of
@@ -166,7 +167,7 @@ class _Spill:
     (a resumed run reads its saved inputs from there), else in a temporary folder."""
 
     def __init__(self, progress, device: torch.device, expected: int):
-        self.root = progress.folder / "activations" if progress else None
+        self.root = progress.folder / f"activations{distributed.file_suffix()}" if progress else None
         self.device, self.expected = device, expected
         self.budget = activation_budget(device)
         self._temp: str | None = None

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from presso import distributed
 from presso.passes.common.capture import inputs_of, rows
 
 
@@ -64,6 +65,16 @@ class InputStats:
             self.xtx /= s[:, None] * s[None, :]
         self.abs_sum /= s
         self.sq_sum /= s * s
+
+
+def all_reduce_stats(stats: Iterable[InputStats]) -> None:
+    """Each rank's sums replaced by the sums over every rank's calibration share (a no-op in
+    one process). Every rank passes its statistics of the same modules in the same order."""
+    if not distributed.active():
+        return
+    for s in {id(s): s for s in stats}.values():
+        distributed.all_reduce_sum([t for t in (s.sq_sum, s.abs_sum, s.xtx) if t is not None])
+        s.rows = distributed.reduce_count(s.rows)
 
 
 def _is_conv(module: nn.Module) -> bool:
@@ -153,8 +164,13 @@ def paired_inputs(original: Mapping[str, nn.Module], rewritten: Mapping[str, nn.
 
 def calibration_input_stats(graph, ctx, modules: Mapping[str, nn.Module], grams: Iterable[str] = (),
                             desc: str = "input statistics") -> dict[str, InputStats]:
-    """:func:`record_inputs` over the calibration batches of ``ctx``, run through ``graph``."""
+    """:func:`record_inputs` over the calibration batches of ``ctx``, run through ``graph``;
+    across processes, each runs its share and the sums are added."""
     def run():
-        for inputs in ctx.calibration_batches(desc=desc):
+        for inputs in distributed.share(list(ctx.calibration_batches(desc=desc))):
             graph.run(inputs)
-    return record_inputs(modules, run, grams)
+
+    with distributed.guard(desc):
+        stats = record_inputs(modules, run, grams)
+    all_reduce_stats(stats.values())
+    return stats

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from presso import distributed
 from presso.errors import ConfigError
 from presso.graph import Graph, replace_module
 from presso.pass_api import Context, Pass, PassConfig, PassResult
@@ -33,7 +34,7 @@ from presso.passes.common.blocks import (
 from presso.passes.common.modules import linear_weight, select_linears, without_tied
 from presso.passes.common.scale_groups import apply_scales, find_scale_groups
 from presso.passes.common.sensitivity import layer_errors, most_sensitive
-from presso.passes.common.stats import SharedInputStats
+from presso.passes.common.stats import SharedInputStats, all_reduce_stats
 from presso.passes.quantization import awq
 from presso.passes.quantization.gptq import gptq_quantize, group_level, refit_scales
 from presso.runtime.nbits import PackedWeight, WeightOnlyEmbedding, WeightOnlyLinear
@@ -174,7 +175,9 @@ def calibrate_and_quantize(
     cfg: QuantizeWeightsConfig,
 ) -> dict:
     """GPTQ or AWQ, one block at a time, then the chosen linears outside the blocks on the
-    whole model; returns stats (memory, AWQ alphas)."""
+    whole model; returns stats (memory, AWQ alphas). Across processes each walks its share of
+    ``batches`` (:mod:`presso.distributed`)."""
+    batches = distributed.share(batches)
     groups = find_scale_groups(graph) if cfg.method.startswith("awq") else []
     memory = {"block_inputs_bytes": 0, "hessian_bytes": 0}
     alphas: dict[str, float] = {}
@@ -184,7 +187,7 @@ def calibrate_and_quantize(
         graph.materialize(why="quantize_weights(sequential=False), which calibrates the whole model at once")
     seconds, finals = [], []
     steps = tqdm(walk_blocks(graph, batches, finals) if blocks else (), desc=f"quantize_weights ({cfg.method})",
-                 unit="block", total=len(blocks) or 1, leave=False)
+                 unit="block", total=len(blocks) or 1, leave=False, disable=not distributed.is_main())
     for step in steps:
         started = time.perf_counter()
         mine = {p: m for p, m in chosen.items() if p.startswith(step.path + ".")}
@@ -207,7 +210,8 @@ def calibrate_and_quantize(
     memory["process_peak_rss_bytes"] = peak_rss_bytes()
     if graph.device.type == "cuda":
         memory["device_peak_bytes"] = torch.cuda.max_memory_allocated(graph.device)
-    return {"calibration_batches": len(batches), "awq_alpha": alphas, "calibration_memory": memory,
+    return {"calibration_batches": distributed.reduce_count(len(batches)), "processes": distributed.world_size(),
+            "awq_alpha": alphas, "calibration_memory": memory,
             "device": str(graph.device), "block_seconds": seconds}
 
 
@@ -227,21 +231,31 @@ def _calibrate(
     memory: dict,
     alphas: dict,
 ) -> None:
-    """Input statistics of ``linears`` from ``run(collector)``, AWQ scales, then each quantized."""
-    with SharedInputStats(linears) as collector:
+    """Input statistics of ``linears`` from ``run(collector)``, AWQ scales, then each quantized.
+    Across processes the statistics are summed over ranks and the linears divided among them."""
+    with SharedInputStats(linears) as collector, distributed.guard(f"calibration of {next(iter(linears))}"):
         run(collector)
     stats = collector.stats
+    all_reduce_stats(stats.values())
     unique = {id(s): s for s in stats.values()}.values()
     memory["hessian_bytes"] = max(memory["hessian_bytes"], sum(s.xtx.numel() * 8 for s in unique))
-    if groups:
+    if groups:  # the same search on every rank, from the same summed statistics
         alphas.update(_awq_scales(graph, linears, groups, collector, formats))
-    for path, module in linears.items():
+
+    def solve(path: str) -> list[torch.Tensor]:
+        weight = linear_weight(linears[path])[0]
+        q = in_row_chunks(lambda w: _round(w, stats[path].hessian, formats[path], cfg), weight)
+        return [q.codes, q.scales, q.zeros]
+
+    def apply(path: str, solved: list[torch.Tensor]) -> None:
+        module = linears[path]
         weight, bias = linear_weight(module)
-        h = stats[path].hessian
-        q = in_row_chunks(lambda w: _round(w, h, formats[path], cfg), weight)
+        q = QuantizedWeight(*solved, formats[path], weight.shape[1])
         replace_module(graph.module, path, WeightOnlyLinear(PackedWeight(q), bias))
         del weight, bias
         graph.release(module)
+
+    distributed.divided(list(linears), solve, apply, graph.device, "rounding")
 
 
 def _round(weight: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, cfg: QuantizeWeightsConfig) -> QuantizedWeight:
