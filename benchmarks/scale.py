@@ -2,13 +2,16 @@
 
     python -m benchmarks.scale --shape 3b --root /data/presso-scale [--method rtn|gptq]
         [--calibration 16 --seq-len 256] [--whole] [--no-export] [--device cuda]
+        [--processes 2 --logits FILE]
 
 Writes the folder once (bf16 shards of at most 2 GB, tensor by tensor, never the whole model
 in memory), then runs each measurement in a child process so its peak memory is its own:
 ``presso.compile(folder, [quantize_weights int4 ...])`` plus ``export()`` (the file is
 checked against the compiled model). ``--whole`` also measures the path that loads the
 model into memory first (``from_pretrained``, then ``compile(model)``). The weights are
-random: their accuracy means nothing, their memory and time do.
+random: their accuracy means nothing, their memory and time do. ``--processes N`` runs the
+compile under ``torchrun`` (one GPU a process with ``--device cuda``, gloo on CPUs), and
+``--logits`` saves the compiled model's outputs on a fixed input, to compare the runs.
 """
 from __future__ import annotations
 
@@ -82,9 +85,11 @@ def write_random(shape: str, folder: Path, layers: int | None = None) -> Path:
 
 
 def measure(folder: str, method: str, calibration: int, seq_len: int, whole: bool, export: bool,
-            device: str, skip: tuple[str, ...] = ()) -> dict:
-    """One compile (+ export) in this process; peak host memory from the kernel's count."""
+            device: str, skip: tuple[str, ...] = (), logits: str | None = None) -> dict | None:
+    """One compile (+ export) in this process; peak host memory from the kernel's count. Under
+    torchrun, rank 0 exports and returns the measures (GPU peaks of every rank), the others None."""
     import presso
+    from presso import distributed
 
     torch.set_num_threads(torch.get_num_threads())
     gen = torch.Generator().manual_seed(0)
@@ -101,7 +106,23 @@ def measure(folder: str, method: str, calibration: int, seq_len: int, whole: boo
 
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
     loaded = time.perf_counter() - start
-    compiled = presso.compile(model, [p], example_inputs=example, calibration=batches, device=device)
+    with distributed.process_group():  # under torchrun (--processes): the ranks share the calibration
+        compiled = presso.compile(model, [p], example_inputs=example, calibration=batches, device=device)
+        out = _measured(compiled, example, start, loaded, export, logits)
+        gpu_peaks = distributed.gather_objects(torch.cuda.max_memory_allocated() / 1e9
+                                               if torch.cuda.is_available() else 0.0)
+    if not distributed.is_main():
+        return None
+    if torch.cuda.is_available():
+        out["gpu_peak_gb"] = max(gpu_peaks)
+        out["gpu_peak_gb_per_rank"] = [round(g, 2) for g in gpu_peaks]
+    return out
+
+
+def _measured(compiled, example, start: float, loaded: float, export: bool, logits: str | None) -> dict:
+    from presso import distributed
+
+    export = export and distributed.is_main()
     compile_s = time.perf_counter() - start - loaded
     out = {"load_s": loaded, "compile_s": compile_s, "peak_after_compile_gb": _peak_gb()}
     stats = compiled.report["passes"][0]["stats"]
@@ -116,9 +137,9 @@ def measure(folder: str, method: str, calibration: int, seq_len: int, whole: boo
             out["disk_gb"] = sum(f.stat().st_size for f in path.parent.iterdir()) / 1e9
         out["export_check"] = compiled.report["export_check"]["rel_error"]
     out["peak_gb"] = _peak_gb()
-    if torch.cuda.is_available():
-        out["gpu_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        out["gpu_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+    out["processes"] = distributed.world_size()
+    if logits and distributed.is_main():  # the artifact's outputs on a fixed input, to compare runs
+        torch.save(compiled(example).logits.float().cpu(), logits)
     return out
 
 
@@ -138,11 +159,16 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=None, help="fewer decoder layers (time per block)")
     parser.add_argument("--skip", default="", help="comma-separated module patterns kept in float (lm_head)")
+    parser.add_argument("--processes", type=int, default=1, help="calibrate in this many processes (torchrun), "
+                        "one GPU each with --device cuda")
+    parser.add_argument("--logits", default=None, help="save the compiled model's logits on a fixed input here")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:  # one measurement, as a child process
-        print(json.dumps(measure(args.child, args.method, args.calibration, args.seq_len, args.whole,
-                                 not args.no_export, args.device, tuple(filter(None, args.skip.split(","))))))
+        out = measure(args.child, args.method, args.calibration, args.seq_len, args.whole, not args.no_export,
+                      args.device, tuple(filter(None, args.skip.split(","))), args.logits)
+        if out is not None:
+            print(json.dumps(out))
         return
     start = time.perf_counter()
     name = f"llama-{args.shape}" + (f"-{args.layers}layers" if args.layers else "")
@@ -150,9 +176,11 @@ def main() -> None:
     print(f"folder {folder} ready in {time.perf_counter() - start:.0f} s", flush=True)
     rows = []
     for whole in ([False, True] if args.whole else [False]):
-        cmd = [sys.executable, "-m", "benchmarks.scale", "--child", str(folder), "--method", args.method,
+        launch = [sys.executable] if args.processes == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}"]
+        cmd = [*launch, "-m", "benchmarks.scale", "--child", str(folder), "--method", args.method,
                "--calibration", str(args.calibration), "--seq-len", str(args.seq_len), "--device", args.device,
-               "--skip", args.skip]
+               "--skip", args.skip] + (["--logits", args.logits] if args.logits else [])
         cmd += (["--whole"] if whole else []) + (["--no-export"] if args.no_export else [])
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
@@ -162,7 +190,7 @@ def main() -> None:
         rows.append({"path": "whole model in memory" if whole else "from disk, block by block",
                      **json.loads(done.stdout.strip().splitlines()[-1])})
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.shape} ({args.method}, {args.device}, {torch.get_num_threads()} threads):")
+    print(f"\n{args.shape} ({args.method}, {args.device} x {args.processes}, {torch.get_num_threads()} threads):")
     for r in rows:
         print(" | ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
 

@@ -94,6 +94,15 @@ def reduce_min(n: int) -> int:
     return int(t.item())
 
 
+def gather_objects(obj) -> list:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+    if not active():
+        return [obj]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def file_suffix() -> str:
     """Part of the name of a file that each rank writes for itself ("" in one process)."""
     return f"-rank{rank()}-of{world_size()}" if active() else ""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from presso import distributed
 from presso.graph import Graph
 from presso.passes.common.blocks import Call, find_blocks, group_by_input, run_block, walk_blocks
 from presso.passes.common.modules import linear_weight
@@ -47,8 +48,8 @@ def factor_sequentially(graph: Graph, batches: list, chosen: dict[Unit, int],
     inside = {u for u in chosen for b, _ in blocks if u[0].startswith(b + ".")}
     if not inside:
         return done
-    steps = tqdm(walk_blocks(graph, batches), desc="split_low_rank: sequential whitening", unit="block",
-                 total=len(blocks), leave=False)
+    steps = tqdm(walk_blocks(graph, distributed.share(batches)), desc="split_low_rank: sequential whitening",
+                 unit="block", total=len(blocks), leave=False, disable=not distributed.is_main())
     for step in steps:
         path, block, calls = step.path, step.block, step.calls
         mine = {u[0][len(path) + 1:]: u for u in inside if u[0].startswith(path + ".")}  # by first member
@@ -56,21 +57,26 @@ def factor_sequentially(graph: Graph, batches: list, chosen: dict[Unit, int],
             original = copy.deepcopy(block)
             for wave in execution_waves(block, list(mine), calls[0]):
                 grams = paired_grams(original, block, wave, calls)
-                for rel in wave:
-                    fit_unit(block, path, mine[rel], grams[rel], chosen[mine[rel]], out_grams)
+
+                def solve(rel, grams=grams):
+                    return unit_factors(block, path, mine[rel], grams[rel], chosen[mine[rel]], out_grams)
+
+                def apply(rel, factors):
+                    replace_unit(block, [p[len(path) + 1:] for p in mine[rel]], *factors)
                     done.add(mine[rel])
+
+                distributed.divided(wave, solve, apply, graph.device, f"whitening of {path}")
         if len(done) == len(inside):
             break  # the later blocks keep their weights: no need to run them
     return done
 
 
-def fit_unit(block: nn.Module, prefix: str, unit: Unit, grams: tuple, rank: int,
-             out_grams: dict[str, torch.Tensor] | None) -> None:
-    """Replace the unit's linears in ``block`` by their reduced-rank fit (its members share inputs)."""
+def unit_factors(block: nn.Module, prefix: str, unit: Unit, grams: tuple, rank: int,
+                 out_grams: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reduced-rank factors ``(A, B)`` of the unit's linears in ``block`` (its members share inputs)."""
     rels = [p[len(prefix) + 1:] for p in unit]
     weight = torch.cat([linear_weight(block.get_submodule(r))[0] for r in rels])
-    a, b = reduced_rank_fit(weight, *grams, rank, [out_grams[p] for p in unit] if out_grams else None)
-    replace_unit(block, rels, a, b)
+    return reduced_rank_fit(weight, *grams, rank, [out_grams[p] for p in unit] if out_grams else None)
 
 
 def execution_waves(block: nn.Module, paths: list[str], call: Call) -> list[list[str]]:
@@ -81,8 +87,13 @@ def execution_waves(block: nn.Module, paths: list[str], call: Call) -> list[list
 def paired_grams(original: nn.Module, block: nn.Module, wave: list[str], calls: list[Call]
                  ) -> dict[str, tuple[torch.Tensor, torch.Tensor, int]]:
     """Per linear: ``H'^T H'``, ``H^T H'`` and the row count (inputs in the factored and the original block)."""
-    paired = paired_inputs({p: original.get_submodule(p) for p in wave}, {p: block.get_submodule(p) for p in wave},
-                           calls, lambda c: run_block(original, c), lambda c: run_block(block, c))
+    with distributed.guard("whitening statistics"):
+        paired = paired_inputs({p: original.get_submodule(p) for p in wave},
+                               {p: block.get_submodule(p) for p in wave},
+                               calls, lambda c: run_block(original, c), lambda c: run_block(block, c))
+    for s in paired.values():  # summed over every rank's share
+        distributed.all_reduce_sum([s.gram, s.cross])
+        s.rows = distributed.reduce_count(s.rows)
     return {p: (s.gram, s.cross, s.rows) for p, s in paired.items()}
 
 

@@ -10,7 +10,10 @@ from models import build
 
 import presso
 
-METHODS = {"rtn": {}, "gptq": {"method": "gptq"}, "awq": {"method": "awq"}}
+METHODS = {"rtn": ("quantize_weights", dict(bits=4, group_size=16)),
+           "gptq": ("quantize_weights", dict(bits=4, group_size=16, method="gptq")),
+           "awq": ("quantize_weights", dict(bits=4, group_size=16, method="awq")),
+           "whiten": ("split_low_rank", dict(ratio=0.3, method="whiten", targets=("*mlp*",)))}
 
 
 def _setup():
@@ -22,7 +25,8 @@ def _setup():
 
 def _compile(method: str, resume=None):
     model, example, calibration = _setup()
-    p = presso.make_pass("quantize_weights", bits=4, group_size=16, **METHODS[method])
+    name, options = METHODS[method]
+    p = presso.make_pass(name, **options)
     return presso.compile(model, [p], example_inputs=example, calibration=calibration if method != "rtn" else None,
                           device="cpu", resume=resume), example
 
@@ -69,7 +73,7 @@ def rel(a, b) -> float:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_give_the_single_process_model(tmp_path, method):
-    """RTN identical; GPTQ and AWQ within the reduction order of the summed statistics."""
+    """RTN identical; GPTQ, AWQ and whitening within the reduction order of the summed statistics."""
     one, example = _compile(method)
     ranks = _run_two(tmp_path, method)
     reference = one(example).logits
@@ -82,6 +86,7 @@ def test_two_processes_give_the_single_process_model(tmp_path, method):
         assert torch.equal(ranks[0]["logits"], reference)
     else:
         assert rel(ranks[0]["logits"], reference) < 1e-4
+    if method in ("gptq", "awq"):
         codes = [n for n in ranks[0]["state"] if n.endswith("packed")]
         same = sum(int((ranks[0]["state"][n] == one.module.state_dict()[n]).sum()) for n in codes)
         total = sum(ranks[0]["state"][n].numel() for n in codes)
