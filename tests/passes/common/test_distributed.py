@@ -24,6 +24,16 @@ def _setup():
 
 
 def _compile(method: str, resume=None):
+    """On one thread, as each worker runs: a sum over another thread count rounds differently."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _compile_here(method, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compile_here(method: str, resume=None):
     model, example, calibration = _setup()
     name, options = METHODS[method]
     p = presso.make_pass(name, **options)
@@ -33,6 +43,7 @@ def _compile(method: str, resume=None):
 
 def _worker(rank: int, world: int, init: str, out: str, method: str, fail_on: str, fail_at: int,
             resume: str | None):
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         if fail_on and rank == 1:  # this rank's rounding of an up_proj breaks (the fail_at-th it owns)
@@ -49,7 +60,7 @@ def _worker(rank: int, world: int, init: str, out: str, method: str, fail_on: st
 
             qw._round = broken
         try:
-            compiled, example = _compile(method, resume)
+            compiled, example = _compile_here(method, resume)
         except Exception as exc:  # noqa: BLE001 - the parent reads what each rank saw
             torch.save({"error": f"{type(exc).__name__}: {exc}"}, f"{out}/rank{rank}.pt")
             return
@@ -73,7 +84,8 @@ def rel(a, b) -> float:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_two_processes_give_the_single_process_model(tmp_path, method):
-    """RTN identical; GPTQ, AWQ and whitening within the reduction order of the summed statistics."""
+    """The same model as one process on the same thread count: the statistics' sums are exact
+    here (float64 sums of few rows), so even GPTQ, AWQ and whitening come out identical."""
     one, example = _compile(method)
     ranks = _run_two(tmp_path, method)
     reference = one(example).logits
@@ -82,10 +94,7 @@ def test_two_processes_give_the_single_process_model(tmp_path, method):
         assert torch.isfinite(got["logits"]).all()
     for name, t in ranks[0]["state"].items():  # every rank holds the same compressed model
         assert torch.equal(t, ranks[1]["state"][name]), name
-    if method == "rtn":
-        assert torch.equal(ranks[0]["logits"], reference)
-    else:
-        assert rel(ranks[0]["logits"], reference) < 1e-4
+    assert torch.equal(ranks[0]["logits"], reference)
     if method in ("gptq", "awq"):
         codes = [n for n in ranks[0]["state"] if n.endswith("packed")]
         same = sum(int((ranks[0]["state"][n] == one.module.state_dict()[n]).sum()) for n in codes)
