@@ -147,6 +147,8 @@ def kernel_rows(copy_bw: float) -> list[dict]:
                                                                 words=s["int8w"]) for s in sets],
                     first["int8"][0].numel() + first["int8"][1].numel() * 2),
                 "presso W8A8": ([lambda s=s: w8a8.w8a8_matmul(x, *s["w8a8"]) for s in sets], n * k + n * 4),
+                "W8A8, quantization in the GEMM": (
+                    [lambda s=s: w8a8.w8a8_fused_matmul(x, *s["w8a8"]) for s in sets], n * k + n * 4),
             }
             if m >= 64:  # both paths of int4 around dequant.MIN_ROWS, whichever the dispatch takes
                 int4_bytes = first["int4"][0].numel() + first["int4"][1].numel() * 2
@@ -243,7 +245,9 @@ def summary(rows: list[dict]) -> str:
         f"(target >= 0.9x); fused kernel alone {med('int4 fused kernel (gemm_words)', 512):.2f}x / "
         f"{med('int4 fused kernel (gemm_words)', 2048):.2f}x, dequantize + cuBLAS alone "
         f"{med('int4 dequantize + cuBLAS', 512):.2f}x / {med('int4 dequantize + cuBLAS', 2048):.2f}x",
-        f"- W8A8 M=64, large shapes: median {med('presso W8A8', 64):.2f}x (target >= 1.5x)",
+        f"- W8A8 M=64, large shapes: median {med('presso W8A8', 64):.2f}x (target >= 1.5x); quantization in "
+        f"the GEMM: M=1 {med('W8A8, quantization in the GEMM', 1):.2f}x, M=16 "
+        f"{med('W8A8, quantization in the GEMM', 16):.2f}x, M=64 {med('W8A8, quantization in the GEMM', 64):.2f}x",
         f"- int8 weight-only M=1: median {med('presso int8 weight-only', 1):.2f}x (target >= 1.6x), "
         f"M=64: {med('presso int8 weight-only', 64):.2f}x (target >= 1.0x)",
     ])

@@ -20,12 +20,21 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr)
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-    peak = tl.max(tl.abs(x), axis=0)
-    scale = tl.where(peak > 0, peak / 127.0, 1.0)
-    y = x / scale
-    q = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))  # round half away from zero
-    tl.store(q_ptr + row * K + offs, q.to(tl.int8), mask=offs < K)
+    scale = _row_scale(tl.max(tl.abs(x), axis=0))
+    tl.store(q_ptr + row * K + offs, _round_codes(x, scale).to(tl.int8), mask=offs < K)
     tl.store(s_ptr + row, scale)
+
+
+@triton.jit
+def _row_scale(peak):
+    return tl.where(peak > 0, peak / 127.0, 1.0)
+
+
+@triton.jit
+def _round_codes(x, scale):
+    """``x / scale`` rounded half away from zero (float32)."""
+    y = x / scale
+    return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,6 +99,73 @@ def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, strid
         tl.store(out, y.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out, y.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+def _fused_configs() -> list[triton.Config]:
+    rows = [(16, 64, 128, 1, 4, 4), (16, 64, 256, 4, 4, 3), (16, 32, 256, 8, 4, 3), (16, 128, 128, 2, 4, 4),
+            (32, 64, 128, 1, 4, 4), (32, 64, 128, 4, 4, 4), (32, 128, 128, 2, 4, 4),
+            (64, 64, 128, 1, 4, 4), (64, 128, 128, 1, 4, 4), (64, 64, 128, 4, 4, 4), (64, 64, 256, 4, 4, 3)]
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=sk), num_warps=w, num_stages=st,
+                          pre_hook=tuning.zero_output if sk > 1 else None) for bm, bn, bk, sk, w, st in rows]
+
+
+@triton.autotune(configs=_fused_configs(), key=["M", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
+@triton.jit
+def _w8a8_fused_kernel(x_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       SPLIT_K: tl.constexpr):
+    """The activations quantized in the prologue: each program finds its rows' peaks over K (the
+    rows come from L2 after the first program), then rounds each tile as it loads it, so no
+    codes are written and one launch does the whole linear."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m, mask_n = rm < M, rn < N
+    tiles = tl.cdiv(K, BLOCK_K)
+    peak = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for t in range(0, tiles):
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
+                    other=0.0)
+        peak = tl.maximum(peak, tl.max(tl.abs(x.to(tl.float32)), axis=1))
+    sx = _row_scale(peak)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+        rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
+                    other=0.0)
+        a = _round_codes(x.to(tl.float32), sx[:, None]).to(tl.int8)
+        b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=(rk < K)[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    sw = tl.load(sw_ptr + rn, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * sx[:, None] * sw[None, :]
+    tuning.store_tile(y, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k, HAS_BIAS, SPLIT_K)
+
+
+def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """:func:`w8a8_matmul` in one launch: the per-token quantization inside the GEMM (the same
+    codes and scales, so the same result)."""
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
+    if config is not None and config.get("SPLIT_K", 1) > 1:
+        out.zero_()
+    kernel = _w8a8_fused_kernel if config is None else _w8a8_fused_kernel.fn
+
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
+
+    kernel[grid](x2, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x2.stride(0),
+                 out.stride(0), HAS_BIAS=bias is not None, **(config or {}))
+    return out.reshape(*x.shape[:-1], n)
 
 
 def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,

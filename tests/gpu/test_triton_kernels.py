@@ -174,6 +174,10 @@ def test_w8a8_matches_reference(n, k):
                                                                                 SPLIT_K=1)]:
             got = w8a8.w8a8_matmul(x, weight, scale, bias.bfloat16(), config=config)
             assert rel(got, ref) < TOLERANCE, (m, config)
+            fused = w8a8.w8a8_fused_matmul(x, weight, scale, bias.bfloat16(), config=config)
+            assert rel(fused, ref) < TOLERANCE, (m, config)
+        fused = w8a8.w8a8_fused_matmul(x.float(), weight, scale, bias)  # autotuned; float32: the same codes
+        assert torch.allclose(fused, w8a8.w8a8_matmul(x.float(), weight, scale, bias), rtol=1e-5, atol=1e-4)
 
 
 def test_per_token_quantization_rounds_like_the_reference():
