@@ -70,6 +70,13 @@ def _as_shipped(module: nn.Module, family: str) -> bool:
     return type(module).forward.__module__ == f"transformers.models.{family}.modeling_{family}"
 
 
+def ships_gated_mlp(mlp: nn.Module) -> bool:
+    """``mlp`` is the gated MLP transformers ships for a fused family: ``down(silu(gate(x)) * up(x))``."""
+    config = getattr(mlp, "config", None)
+    return (any(_as_shipped(mlp, family) for family in FAMILIES) and getattr(config, "hidden_act", None) == "silu"
+            and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
 @torch.no_grad()
 def _head_counts(layer: nn.Module, head_dim: int) -> tuple[int, int]:
     """Heads and kv heads from what q_proj and k_proj return (pruned layers have fewer)."""
@@ -107,7 +114,7 @@ class FusedDecoder(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             if (qkv := pack_linears([attn.q_proj, attn.k_proj, attn.v_proj])) is not None:
                 self.qkv[str(i)] = qkv
-            if _as_shipped(mlp, model.config.model_type) and getattr(model.config, "hidden_act", None) == "silu":
+            if ships_gated_mlp(mlp):
                 if (gate_up := pack_linears([mlp.gate_proj, mlp.up_proj])) is not None:
                     self.gate_up[str(i)] = gate_up
 

@@ -53,9 +53,17 @@ def dequantize_words(words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch
     return out
 
 
+def silu_gate(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``x = [gate | up]``: what the gated kernels compute as they load."""
+    gate, up = x.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def dequantize_matmul(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
-                      k: int, bits: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x (..., k) @ W.T (+ bias)``: the weight dequantized once, then one cuBLAS GEMM."""
+                      k: int, bits: int, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
+    """``x (..., k) @ W.T (+ bias)``: the weight dequantized once, then one cuBLAS GEMM (``gated``: as
+    :func:`gemm_words.gemm_words`; at these sizes the gating is a small elementwise pass of its own)."""
+    x = silu_gate(x) if gated else x
     w_t = dequantize_words(words, scales_t, zeros_t, k, bits, x.dtype)
     out = torch.matmul(x, w_t)
     return out if bias is None else out + bias.to(out.dtype)

@@ -123,14 +123,14 @@ def _dot_unpacked(part, xt, words, offset, scale, BITS: tl.constexpr, MASK: tl.c
     return tl.dot(xt, w, part)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS"],
+@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS", "GATED"],
                  prune_configs_by={"early_config_prune": _prune},
                  do_bench=tuning.bench_in_graph)
 @triton.jit
 def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, WORDS, stride_xm, stride_om,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr,
-                       PAIRS: tl.constexpr, UNPACK: tl.constexpr):
+                       PAIRS: tl.constexpr, UNPACK: tl.constexpr, GATED: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS  # codes per word
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
@@ -166,8 +166,7 @@ def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, W
         part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         # one contiguous (pipelined) load of x, split into the CPW strided slices in registers
         rk = t * TILE_W * CPW + tl.arange(0, TILE_W * CPW)
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
-                     other=0.0)
+        xt = tuning.load_x(x_ptr, rm[:, None] * stride_xm, rk[None, :], mask_m[:, None] & (rk < K)[None, :], K, GATED)
         if UNPACK:
             part = _dot_unpacked(part, xt, words, offset, scale, BITS, MASK, CPW, ONE_SCALE, HAS_ZEROS, dtype)
         elif CPW == 8:
@@ -208,12 +207,14 @@ def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, W
 
 
 def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
-               k: int, bits: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """``x (..., k) @ W.T`` from :func:`gemv_words.prepare_words`'s operands; ``scales_t`` in ``x``'s dtype."""
+               k: int, bits: int, bias: torch.Tensor | None = None, config: dict | None = None,
+               gated: bool = False) -> torch.Tensor:
+    """``x (..., k) @ W.T`` from :func:`gemv_words.prepare_words`'s operands; ``scales_t`` in ``x``'s dtype.
+    ``gated``: ``x`` is ``[gate | up]`` (..., 2k) and the product is ``(silu(gate) * up) @ W.T``."""
     n_words, n = words.shape
     blocks = scales_t.shape[0]
     group = n_words * (32 // bits) // blocks
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, (1 + gated) * k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
@@ -230,6 +231,6 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
 
     kernel[grid](x2, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, m, n, k, n_words, x2.stride(0), out.stride(0),
-                 BITS=bits, GROUP=group, HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None,
+                 BITS=bits, GROUP=group, HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, GATED=gated,
                  **({} if config is None else {"num_warps": 4, "PAIRS": 0, "UNPACK": 0} | config))
     return out.reshape(*x.shape[:-1], n)

@@ -155,19 +155,19 @@ def _dot8_half2(words, p0, p1, p2, p3):
 
 
 @triton.jit
-def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w):
-    lo = tl.load(x_ptr + base + k, mask=mask_w & (base + k < K), other=0.0)
-    hi = tl.load(x_ptr + base + k + 4, mask=mask_w & (base + k + 4 < K), other=0.0)
+def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w, GATED: tl.constexpr):
+    lo = tuning.load_x(x_ptr, 0, base + k, mask_w & (base + k < K), K, GATED)
+    hi = tuning.load_x(x_ptr, 0, base + k + 4, mask_w & (base + k + 4 < K), K, GATED)
     return _half2_pair(lo, hi)[:, None]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS"],
+@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS", "GATED"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
 @triton.jit
 def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORDS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr, DEQUANT: tl.constexpr,
-                       PDL: tl.constexpr):
+                       PDL: tl.constexpr, GATED: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS  # codes per word
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
@@ -192,15 +192,16 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
             tl.extra.cuda.gdc_wait()
         if DEQUANT == 2:  # symmetric int4: zero point 8 is subtracted inside
             base = rw * CPW
-            dot = _dot8_half2(words, _x_pair(x_ptr, base, 0, K, mask_w), _x_pair(x_ptr, base, 1, K, mask_w),
-                              _x_pair(x_ptr, base, 2, K, mask_w), _x_pair(x_ptr, base, 3, K, mask_w))
+            dot = _dot8_half2(words, _x_pair(x_ptr, base, 0, K, mask_w, GATED),
+                              _x_pair(x_ptr, base, 1, K, mask_w, GATED), _x_pair(x_ptr, base, 2, K, mask_w, GATED),
+                              _x_pair(x_ptr, base, 3, K, mask_w, GATED))
             acc += dot * (scale * 16.0)
         else:
             dot = tl.zeros((TILE_W, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((TILE_W,), dtype=tl.float32)
             for j in tl.static_range(CPW):
                 rk = rw * CPW + j
-                x = tl.load(x_ptr + rk, mask=mask_w & (rk < K), other=0.0).to(tl.float32)
+                x = tuning.load_x(x_ptr, 0, rk, mask_w & (rk < K), K, GATED).to(tl.float32)
                 dot += x[:, None] * _code(words, j * BITS, BITS, MASK, DEQUANT == 1)
                 x_sum += x
             if DEQUANT == 1:  # dot = sum x (1 + c / 2**BITS)
@@ -220,12 +221,14 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
 
 
 def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
-               k: int, bits: int, bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """``x (1, k) @ W.T`` from :func:`prepare_words`'s operands; ``scales_t`` in ``x``'s dtype."""
+               k: int, bits: int, bias: torch.Tensor | None = None, config: dict | None = None,
+               gated: bool = False) -> torch.Tensor:
+    """``x (1, k) @ W.T`` from :func:`prepare_words`'s operands; ``scales_t`` in ``x``'s dtype.
+    ``gated``: ``x`` is ``[gate | up]`` (1, 2k) and the product is ``(silu(gate) * up) @ W.T``."""
     n_words, n = words.shape
     blocks = scales_t.shape[0]
     group = n_words * (32 // bits) // blocks
-    x1 = x.reshape(k).contiguous()
+    x1 = x.reshape((1 + gated) * k).contiguous()
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     if config is not None and config.get("DEQUANT") == 2 and (bits != 4 or zeros_t is not None):
         raise ValueError("DEQUANT=2 (half-precision pairs) is for symmetric int4 only")
@@ -242,6 +245,6 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
 
     kernel[grid](x1, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, n, k, n_words, BITS=bits, GROUP=group,
-                 HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, PDL=pdl, launch_pdl=pdl,
+                 HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, PDL=pdl, GATED=gated, launch_pdl=pdl,
                  **({} if config is None else {"num_warps": 4, "DEQUANT": 1} | config))
     return out.reshape(*x.shape[:-1], n)

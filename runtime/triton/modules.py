@@ -5,9 +5,11 @@ import torch
 from torch import nn
 
 from presso.graph import replace_module
+from presso.runtime.fused.llama import ships_gated_mlp
+from presso.runtime.fused.packing import pack_linears
 from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyLinear
-from presso.runtime.triton import ops, weight_only
+from presso.runtime.triton import dequant, ops, weight_only
 from presso.runtime.triton.gemv_words import prepare_words
 
 
@@ -48,12 +50,13 @@ class TritonWeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if source.bias is None else source.bias.clone())
         self._casts = _CastCache()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
+        """``gated``: ``x`` is ``[gate | up]`` and the input of the product is ``silu(gate) * up``."""
         scales = self._casts.cast("scales", self.scales, x.dtype)
         bias = self._casts.cast("bias", self.bias, x.dtype)
         scales_t = self._casts.cast("scales_t", self.scales_t, x.dtype)
         return ops.weight_only_linear(x, self.codes, scales, self.zeros, self.in_features, self.bits, bias,
-                                      self.words, scales_t, self.zeros_t)
+                                      self.words, scales_t, self.zeros_t, gated)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weight-only (Triton)"
@@ -77,16 +80,49 @@ class TritonW8A8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, W8A8 per-token (Triton)"
 
 
+class TritonGatedMLP(nn.Module):
+    """``down(silu(gate(x)) * up(x))`` in two launches where it took five: gate and up packed into
+    one linear (one read of ``x``), and the int4/int8 down projection gates its input as it loads
+    it (no gated tensor is written); a W8A8 down projection gets it gated by torch."""
+
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        both = self.gate_up(x)
+        if isinstance(self.down, TritonWeightOnlyLinear):
+            return self.down(both, gated=True)
+        return self.down(dequant.silu_gate(both))
+
+
+def _triton_linear(module: nn.Module) -> nn.Module | None:
+    if isinstance(module, WeightOnlyLinear):
+        return TritonWeightOnlyLinear(module)
+    if isinstance(module, DynamicInt8Linear) and module.per_token:
+        return TritonW8A8Linear(module)
+    return None
+
+
+def _gated_mlp(mlp: nn.Module) -> TritonGatedMLP | None:
+    """The MLP as two launches, where gate and up pack (same format) and every linear has a kernel."""
+    if not ships_gated_mlp(mlp):
+        return None
+    packed = pack_linears([mlp.gate_proj, mlp.up_proj])
+    gate_up = None if packed is None else _triton_linear(packed)
+    down = _triton_linear(mlp.down_proj)
+    return None if gate_up is None or down is None else TritonGatedMLP(gate_up, down)
+
+
 def to_triton(root: nn.Module) -> dict[str, str]:
-    """Swap every quantized linear that has a Triton kernel, in place; what was swapped, by path."""
+    """Swap every quantized linear that has a Triton kernel, in place (a gated MLP whose linears all
+    have one as a whole: :class:`TritonGatedMLP`); what was swapped, by path."""
     swapped = {}
     for path, module in list(root.named_modules()):  # a shared module is listed (and swapped) once
-        if isinstance(module, WeightOnlyLinear):
-            new = TritonWeightOnlyLinear(module)
-        elif isinstance(module, DynamicInt8Linear) and module.per_token:
-            new = TritonW8A8Linear(module)
-        else:
-            continue
-        replace_module(root, path, new)
-        swapped[path] = type(new).__name__
+        if any(path.startswith(done + ".") for done in swapped):
+            continue  # inside an MLP swapped as a whole
+        new = _gated_mlp(module) or _triton_linear(module)
+        if new is not None:
+            replace_module(root, path, new)
+            swapped[path] = type(new).__name__
     return swapped

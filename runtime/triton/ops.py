@@ -14,13 +14,14 @@ from presso.runtime.triton import w8a8, weight_only
 @torch.library.custom_op("presso::weight_only_linear", mutates_args=())
 def weight_only_linear(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        k: int, bits: int, bias: torch.Tensor | None, words: torch.Tensor | None,
-                       scales_t: torch.Tensor | None, zeros_t: torch.Tensor | None) -> torch.Tensor:
+                       scales_t: torch.Tensor | None, zeros_t: torch.Tensor | None,
+                       gated: bool = False) -> torch.Tensor:
     packed_words = None if words is None else (words, scales_t, zeros_t)
-    return weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits, bias, words=packed_words)
+    return weight_only.weight_only_matmul(x, codes, scales, zeros, k, bits, bias, words=packed_words, gated=gated)
 
 
 @weight_only_linear.register_fake
-def _(x, codes, scales, zeros, k, bits, bias, words, scales_t, zeros_t):
+def _(x, codes, scales, zeros, k, bits, bias, words, scales_t, zeros_t, gated=False):
     return x.new_empty(*x.shape[:-1], scales.shape[0])
 
 

@@ -1,5 +1,5 @@
 """Helpers shared by the kernels: the autotuner's timer, configuration grids, the split-K output zeroing,
-the output tile store."""
+the output tile store, the activation load (gated or not)."""
 from __future__ import annotations
 
 import os
@@ -41,6 +41,19 @@ def store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k,
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
+
+
+@triton.jit
+def load_x(x_ptr, offsets, k, mask, K, GATED: tl.constexpr):
+    """Activations at columns ``k`` (``offsets``: where each row starts); with GATED, ``x_ptr`` holds
+    ``[gate | up]`` (2K columns a row) and the activation is ``silu(gate) * up``, rounded to the
+    activations' dtype at the same two steps as torch's ``F.silu(gate) * up``."""
+    x = tl.load(x_ptr + offsets + k, mask=mask, other=0.0)
+    if GATED:
+        up = tl.load(x_ptr + offsets + K + k, mask=mask, other=0.0)
+        g = x.to(tl.float32)
+        x = ((g / (1.0 + tl.exp(-g))).to(x.dtype).to(tl.float32) * up.to(tl.float32)).to(x.dtype)
+    return x
 
 
 _FLUSH: dict = {}

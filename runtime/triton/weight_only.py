@@ -217,22 +217,26 @@ def prepare(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
 
 def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        k: int, bits: int, bias: torch.Tensor | None = None,
-                       config: dict | None = None, words: tuple | None = None) -> torch.Tensor:
+                       config: dict | None = None, words: tuple | None = None, gated: bool = False) -> torch.Tensor:
     """``x (..., k) @ W.T`` for ``W (n, k)`` from :func:`prepare`'s operands; output in ``x``'s dtype.
 
     ``words``: :func:`gemv_words.prepare_words`'s copy of the same weight, which the autotuned
     kernels read when it is given (:mod:`gemv_words` for one row, :mod:`gemm_words` for more,
-    :mod:`dequant` and cuBLAS from ``dequant.MIN_ROWS`` rows).
+    :mod:`dequant` and cuBLAS from ``dequant.MIN_ROWS`` rows). ``gated``: ``x`` is ``[gate | up]``
+    (..., 2k) and the product is ``(silu(gate) * up) @ W.T``, the gating done as the word
+    kernels load ``x`` (one launch, no gated tensor written).
     """
+    if gated and (words is None or config is not None):  # the row-layout kernels load x as it is
+        x, gated = dequant.silu_gate(x), False
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, (1 + gated) * k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     if words is not None and config is None:  # batch 1 on CUDA cores, more rows on tensor cores
         kernel = gemv_words if m == 1 else gemm_words if m < dequant.MIN_ROWS else dequant.dequantize_matmul
-        return kernel(x2, *words, k, bits, bias).reshape(*x.shape[:-1], n)
+        return kernel(x2, *words, k, bits, bias, gated=gated).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
