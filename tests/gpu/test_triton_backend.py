@@ -31,6 +31,25 @@ def test_quantized_linears_run_through_the_kernels(passes):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("pass_name, options", [("quantize_weights", dict(bits=4, group_size=32)),
+                                                ("quantize_dynamic_int8", {})])
+def test_gated_mlps_run_as_two_launches(pass_name, options):
+    """Llama's MLPs become one packed gate/up linear and a down projection that gates its input;
+    bf16 model, outputs within the backend's check, the caller's model untouched."""
+    pytest.importorskip("triton")
+    model, example = build("llama")
+    model = model.to(torch.bfloat16)
+    compiled = presso.compile(model, [presso.make_pass(pass_name, **options)], example_inputs=example,
+                              backend="triton")
+    mlps = [path for path, kind in compiled._run.swapped.items() if kind == "TritonGatedMLP"]
+    assert mlps == [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers)]
+    assert compiled.report["backend_rel_error"] < 2e-2
+    with torch.no_grad():
+        got = compiled(example)
+    assert torch.isfinite(got.logits if hasattr(got, "logits") else got[0]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("kind", ["int4", "w8a8"])
 def test_triton_linears_compile_without_graph_breaks(kind):
     """The kernels are custom ops: ``torch.compile(fullgraph=True)`` traces through them and agrees with eager."""

@@ -163,6 +163,34 @@ def test_dequantized_cublas_path_matches_reference(n, k, bits, group, symmetric)
         assert got.shape == (m, n) and got.dtype == dtype and rel(got, ref) < TOLERANCE
 
 
+@pytest.mark.parametrize("n, k", [(576, 1536), (200, 328)])
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 128, True), (4, 64, False), (8, -1, True)])
+def test_gated_input_matches_reference(n, k, bits, group, symmetric):
+    """A down projection fed ``[gate | up]``: ``silu(gate) * up`` is computed as the kernels load it,
+    on every path (one row, tensor cores, dequantize + cuBLAS, the row layout), forced and autotuned."""
+    from presso.runtime.triton import dequant
+
+    dtype = torch.bfloat16
+    packed, operands = _packed(n, k, bits, group, symmetric, dtype)
+    words = gemv_words.prepare_words(*operands)
+    for m in (1, 5, 40, dequant.MIN_ROWS + 1):
+        both = torch.randn(m, 2 * k, device="cuda", dtype=dtype) * 2
+        gate, up = both.chunk(2, -1)
+        ref = weight_only_reference(torch.nn.functional.silu(gate) * up, packed.packed, packed.scales, packed.zeros,
+                                    k, bits)
+        got = weight_only.weight_only_matmul(both, *operands, k, bits, words=words, gated=True)
+        assert got.shape == (m, n) and rel(got, ref) < TOLERANCE, m
+        rows = weight_only.weight_only_matmul(both, *operands, k, bits, gated=True)  # gated by torch first
+        assert rel(rows, ref) < TOLERANCE, m
+        if m == 1:
+            forced = gemv_words.gemv_words(both, *words, k, bits, gated=True,
+                                           config=dict(BLOCK_N=64, TILE_W=2, SPLIT_K=4, DEQUANT=1))
+        else:
+            forced = gemm_words.gemm_words(both, *words, k, bits, gated=True,
+                                           config=dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=2, UNPACK=m % 2))
+        assert rel(forced, ref) < TOLERANCE, m
+
+
 @pytest.mark.parametrize("n, k", SHAPES)
 def test_w8a8_matches_reference(n, k):
     linear = DynamicInt8Linear.from_weight(torch.randn(n, k), torch.randn(n))
