@@ -16,7 +16,8 @@ SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, 
 
 
 class Block(nn.Module):
-    """``packed``: q/k/v as one linear and gate/up as another (one launch each, outputs split)."""
+    """``packed``: q/k/v as one linear and gate/up as another (one launch each, outputs split); int4
+    down projections then gate their input as they load it (``gated_down``)."""
 
     def __init__(self, hidden, intermediate, heads, kv_heads, max_len, batch=1, packed=True):
         super().__init__()
@@ -29,7 +30,7 @@ class Block(nn.Module):
             self.q, self.k, self.v = (nn.Linear(hidden, w, bias=False) for w in widths)
             self.gate = nn.Linear(hidden, intermediate, bias=False)
             self.up = nn.Linear(hidden, intermediate, bias=False)
-        self.widths = widths
+        self.widths, self.gated_down = widths, False
         self.o = nn.Linear(hidden, hidden, bias=False)
         self.down = nn.Linear(intermediate, hidden, bias=False)
         self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
@@ -50,6 +51,8 @@ class Block(nn.Module):
                                            enable_gqa=self.kv_heads != self.heads)
         h = h + self.o(a.transpose(1, 2).reshape(b, 1, -1))
         x = self.norm2(h)
+        if self.gated_down:  # presso's int4/int8 down projection gates [gate | up] as it loads it
+            return h + self.down(self.gate_up(x), gated=True)
         gate, up = self.gate_up(x).chunk(2, -1) if self.packed else (self.gate(x), self.up(x))
         return h + self.down(F.silu(gate) * up)
 
@@ -99,6 +102,8 @@ def quantized(decoder: Decoder, kind: str) -> Decoder:
                    else DynamicInt8Linear.from_weight(w, None, per_token=True))
             decoder.set_submodule(path, new)
     to_triton(decoder)
+    for block in decoder.blocks:
+        block.gated_down = block.packed and kind == "int4"
     return decoder.cuda()
 
 
