@@ -123,11 +123,11 @@ def _dot_unpacked(part, xt, words, offset, scale, BITS: tl.constexpr, MASK: tl.c
     return tl.dot(xt, w, part)
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS", "GATED"],
+@triton.autotune(configs=_configs(), key=["ROWS", "N", "K", "GROUP", "BITS", "GATED"],
                  prune_configs_by={"early_config_prune": _prune},
                  do_bench=tuning.bench_in_graph)
 @triton.jit
-def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, WORDS, stride_xm, stride_om,
+def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, WORDS, stride_xm, stride_om, ROWS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr,
                        PAIRS: tl.constexpr, UNPACK: tl.constexpr, GATED: tl.constexpr):
@@ -231,6 +231,7 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
 
     kernel[grid](x2, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, m, n, k, n_words, x2.stride(0), out.stride(0),
+                 tuning.rows_key(m),
                  BITS=bits, GROUP=group, HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, GATED=gated,
                  **({} if config is None else {"num_warps": 4, "PAIRS": 0, "UNPACK": 0} | config))
     return out.reshape(*x.shape[:-1], n)

@@ -11,6 +11,13 @@ import triton.language as tl
 from triton.compiler.errors import CompilationError
 
 
+def rows_key(m: int) -> int:
+    """The row count the autotuners key on: ``m`` rounded up to a power of two, so a prefill of a
+    new length reuses the choice made for its bucket instead of timing every configuration again
+    (the pruning rules, which read ``M``, agree within a bucket)."""
+    return triton.next_power_of_2(m)
+
+
 def zero_output(nargs) -> None:
     """Split-K programs add into the output: it starts at zero (run before each timed launch too)."""
     nargs["out_ptr"].zero_()

@@ -70,10 +70,10 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BLOCK_M"] == want] or configs[:1]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=_configs(), key=["ROWS", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
 @triton.jit
-def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om,
+def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om, ROWS,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT_K: tl.constexpr):
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -109,10 +109,10 @@ def _fused_configs() -> list[triton.Config]:
                           pre_hook=tuning.zero_output if sk > 1 else None) for bm, bn, bk, sk, w, st in rows]
 
 
-@triton.autotune(configs=_fused_configs(), key=["M", "N", "K"],
+@triton.autotune(configs=_fused_configs(), key=["ROWS", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
 @triton.jit
-def _w8a8_fused_kernel(x_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om,
+def _w8a8_fused_kernel(x_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_xm, stride_om, ROWS,
                        HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        SPLIT_K: tl.constexpr):
     """The activations quantized in the prologue: each program finds its rows' peaks over K (the
@@ -164,7 +164,7 @@ def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
 
     kernel[grid](x2, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x2.stride(0),
-                 out.stride(0), HAS_BIAS=bias is not None, **(config or {}))
+                 out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -189,5 +189,5 @@ def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         out.zero_()
     kernel = _w8a8_kernel if config is None else _w8a8_kernel.fn  # .fn: the kernel without autotuning
     kernel[grid](q, sx, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
-                       out.stride(0), HAS_BIAS=bias is not None, **(config or {}))
+                       out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
     return out.reshape(*x.shape[:-1], n)

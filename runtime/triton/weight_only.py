@@ -49,11 +49,11 @@ def _prune(configs, named_args, **kwargs):
     return kept or [triton.Config(dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=block, SPLIT_K=1), num_warps=4, num_stages=3)]
 
 
-@triton.autotune(configs=_configs(), key=["M", "N", "K", "GROUP", "BITS"],
+@triton.autotune(configs=_configs(), key=["ROWS", "N", "K", "GROUP", "BITS"],
                  prune_configs_by={"early_config_prune": _prune},
                  do_bench=tuning.bench_in_graph)
 @triton.jit
-def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om,
+def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om, ROWS,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -113,11 +113,11 @@ def _gemv_prune(configs, named_args, **kwargs):
     return kept or [triton.Config(dict(BLOCK_N=32, BLOCK_K=block, SPLIT_K=1, MAGIC=1), num_warps=4, num_stages=3)]
 
 
-@triton.autotune(configs=_gemv_configs(), key=["M", "N", "K", "GROUP", "BITS"],
+@triton.autotune(configs=_gemv_configs(), key=["ROWS", "N", "K", "GROUP", "BITS"],
                  prune_configs_by={"early_config_prune": _gemv_prune},
                  do_bench=tuning.bench_in_graph)
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om,
+def _gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om, ROWS,
                  BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
                  MAGIC: tl.constexpr):
@@ -257,6 +257,7 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
             (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"])
 
     kernel[grid](x2, codes, scales, zeros if zeros is not None else codes, bias if bias is not None else scales, out,
-                 m, n, k, blocks, x2.stride(0), out.stride(0), BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None,
+                 m, n, k, blocks, x2.stride(0), out.stride(0), tuning.rows_key(m), BITS=bits, GROUP=group,
+                 HAS_ZEROS=zeros is not None,
                  HAS_BIAS=bias is not None, **extra, **(config or {}))
     return out.reshape(*x.shape[:-1], n)
