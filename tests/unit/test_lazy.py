@@ -1,8 +1,8 @@
 """Weights read as they are needed: from the caller's model or from safetensors shards on disk."""
 from __future__ import annotations
 
-import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -51,21 +51,25 @@ def test_at_most_one_float_block_is_in_memory(folder, monkeypatch):
     outside = sum(p.numel() * p.element_size() for n, p in whole.named_parameters() if ".layers." not in n)
     held = []
     install = lazy.LazyWeights._install
+    # every parameter made from here on (loads, copies and .to() all construct one), weakly: a pass
+    # that keeps replaced modules alive would keep their weights in this set too; scanning
+    # the garbage collector's objects instead costs seconds a block in a test process that has run many tests
+    created = weakref.WeakSet()
+    make = torch.nn.Parameter.__new__
 
-    def parameters_alive():
-        return [o for o in gc.get_objects() if isinstance(o, torch.nn.Parameter)]
-
-    before = {id(p) for p in parameters_alive()}  # this process's other models (the fixture's, other tests')
+    def tracked(cls, data=None, requires_grad=True):
+        param = make(cls, data, requires_grad)
+        created.add(param)
+        return param
 
     def watched(self, entry):
         real = install(self, entry)
         if entry.name.endswith(("down_proj.weight", "lm_head.weight")):  # a block's last read, the head
-            # every float parameter alive in the process, not only those in the model: a pass that
-            # keeps replaced modules would keep their weights
-            new = [p for p in parameters_alive() if id(p) not in before and p.is_floating_point() and not p.is_meta]
+            new = [p for p in created if p.is_floating_point() and not p.is_meta]
             held.append(sum(p.numel() * p.element_size() for p in new))
         return real
 
+    monkeypatch.setattr(torch.nn.Parameter, "__new__", tracked)
     monkeypatch.setattr(lazy.LazyWeights, "_install", watched)
     presso.compile(path, [presso.make_pass("quantize_weights", method="gptq")], example_inputs=IDS,
                    calibration=CALIBRATION)
