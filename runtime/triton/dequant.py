@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from presso.runtime.triton import tuning
+
 # weight_only_matmul takes this path from MIN_ROWS rows: where `python3 -m benchmarks.gpu_prefill`
 # measured it ahead of the fused kernel
 MIN_ROWS = 256
@@ -53,17 +55,11 @@ def dequantize_words(words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch
     return out
 
 
-def silu_gate(x: torch.Tensor) -> torch.Tensor:
-    """``silu(gate) * up`` of ``x = [gate | up]``: what the gated kernels compute as they load."""
-    gate, up = x.chunk(2, -1)
-    return torch.nn.functional.silu(gate) * up
-
-
 def dequantize_matmul(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
                       k: int, bits: int, bias: torch.Tensor | None = None, gated: bool = False) -> torch.Tensor:
     """``x (..., k) @ W.T (+ bias)``: the weight dequantized once, then one cuBLAS GEMM (``gated``: as
     :func:`gemm_words.gemm_words`; at these sizes the gating is a small elementwise pass of its own)."""
-    x = silu_gate(x) if gated else x
+    x = tuning.silu_gate(x) if gated else x
     w_t = dequantize_words(words, scales_t, zeros_t, k, bits, x.dtype)
     out = torch.matmul(x, w_t)
     return out if bias is None else out + bias.to(out.dtype)

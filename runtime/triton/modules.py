@@ -9,7 +9,7 @@ from presso.runtime.fused.llama import ships_gated_mlp
 from presso.runtime.fused.packing import pack_linears
 from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyLinear
-from presso.runtime.triton import dequant, ops, weight_only
+from presso.runtime.triton import ops, tuning, weight_only
 from presso.runtime.triton.gemv_words import prepare_words
 
 
@@ -93,7 +93,7 @@ class TritonGatedMLP(nn.Module):
         both = self.gate_up(x)
         if isinstance(self.down, TritonWeightOnlyLinear):
             return self.down(both, gated=True)
-        return self.down(dequant.silu_gate(both))
+        return self.down(tuning.silu_gate(both))
 
 
 def _triton_linear(module: nn.Module) -> nn.Module | None:

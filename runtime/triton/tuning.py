@@ -50,6 +50,12 @@ def store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k,
         tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
 
 
+def silu_gate(x: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` of ``x = [gate | up]``: in torch, what :func:`load_x` computes as the kernels load."""
+    gate, up = x.chunk(2, -1)
+    return torch.nn.functional.silu(gate) * up
+
+
 @triton.jit
 def load_x(x_ptr, offsets, k, mask, K, GATED: tl.constexpr):
     """Activations at columns ``k`` (``offsets``: where each row starts); with GATED, ``x_ptr`` holds

@@ -227,7 +227,7 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     kernels load ``x`` (one launch, no gated tensor written).
     """
     if gated and (words is None or config is not None):  # the row-layout kernels load x as it is
-        x, gated = dequant.silu_gate(x), False
+        x, gated = tuning.silu_gate(x), False
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
     x2 = x.reshape(-1, (1 + gated) * k)
