@@ -36,7 +36,7 @@ def _configs() -> list[triton.Config]:
     out += [triton.Config(dict(BLOCK_M=bm, BLOCK_N=bn, TILE_W=tw, SPLIT_K=sk, PAIRS=0, UNPACK=1), num_warps=warps,
                           num_stages=stages, pre_hook=tuning.zero_output if sk > 1 else None)
             for bm, bn, tw, sk, warps, stages in unpacked]
-    return out
+    return tuning.merged(out, tuning.tuned_configs("gemm_words"))
 
 
 def _prune(configs, named_args, **kwargs):

@@ -67,12 +67,13 @@ def _zero_hook(nargs) -> None:
 def _configs() -> list[triton.Config]:
     # a tile of TILE_W words sits inside one quantization block (TILE_W divides its words);
     # many programs (SPLIT_K up to 64) keep enough loads in flight to stream the weight
-    return tuning.grid(("BLOCK_N", "TILE_W", "SPLIT_K"), [
+    own = tuning.grid(("BLOCK_N", "TILE_W", "SPLIT_K"), [
         (512, 8, 32, 4), (512, 8, 64, 4), (1024, 4, 32, 4), (256, 4, 64, 4), (256, 8, 32, 4), (1024, 16, 32, 8),
         (256, 16, 16, 4), (128, 8, 16, 4), (128, 4, 16, 4), (512, 4, 32, 4), (64, 4, 8, 2),
         (256, 4, 16, 4), (256, 8, 8, 4), (128, 8, 8, 4),  # these three for K of a few hundred (SmolLM2)
         (1024, 8, 64, 8)],  # int8 at 4096 columns
         flag="DEQUANT", flag_values=(0, 1, 2), zero=_zero_hook)
+    return tuning.merged(own, tuning.tuned_configs("gemv_words", zero=_zero_hook))
 
 
 def _prune(configs, named_args, **kwargs):

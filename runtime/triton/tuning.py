@@ -2,8 +2,10 @@
 the output tile store, the activation load (gated or not)."""
 from __future__ import annotations
 
+import json
 import os
 import statistics
+from pathlib import Path
 
 import torch
 import triton
@@ -34,6 +36,31 @@ def grid(keys: tuple[str, ...], rows: list[tuple], flag: str, flag_values: tuple
             out.append(triton.Config(dict(zip(keys, values), **{flag: on}), num_warps=warps, num_stages=3,
                                      pre_hook=zero if split_k > 1 else None))
     return out
+
+
+TUNED = Path(__file__).with_name("tuned.json")
+
+
+def tuned_configs(kernel: str, zero=zero_output, path: Path = TUNED) -> list[triton.Config]:
+    """The configurations ``python3 -m benchmarks.gpu_sweep --write`` found fastest for ``kernel``
+    (one per shape and row count it swept), added to the kernel's own list; the pruning rules
+    still decide which of them a call may use."""
+    if not path.exists():
+        return []
+    out = []
+    for entry in json.loads(path.read_text()).get(kernel, []):
+        entry = dict(entry)
+        warps, stages = entry.pop("num_warps"), entry.pop("num_stages")
+        out.append(triton.Config(entry, num_warps=warps, num_stages=stages,
+                                 pre_hook=zero if entry.get("SPLIT_K", 1) > 1 else None))
+    return out
+
+
+def merged(configs: list[triton.Config], extra: list[triton.Config]) -> list[triton.Config]:
+    """``configs`` then those of ``extra`` not already in them."""
+    key = lambda c: (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)  # noqa: E731
+    seen = {key(c) for c in configs}
+    return configs + [c for c in extra if key(c) not in seen]
 
 
 @triton.jit

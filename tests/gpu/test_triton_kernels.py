@@ -216,3 +216,23 @@ def test_per_token_quantization_rounds_like_the_reference():
     peak = x.abs().amax(-1)
     assert torch.allclose(s, peak / 127)
     assert (q.float() - x / s[:, None]).abs().max() <= 0.5 + 1e-4
+
+
+def test_tuned_configurations_join_the_autotune_lists_once(tmp_path):
+    """Entries of the sweep's file become configurations (split K zeroes the output first); one
+    equal to a built-in configuration is not added twice; every shipped entry names known keys."""
+    import json
+
+    from presso.runtime.triton import tuning
+
+    own = gemm_words._configs()
+    first = dict(own[0].kwargs, num_warps=own[0].num_warps, num_stages=own[0].num_stages)
+    new = dict(BLOCK_M=16, BLOCK_N=32, TILE_W=4, SPLIT_K=2, PAIRS=0, UNPACK=1, num_warps=2, num_stages=5)
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"gemm_words": [first, new], "device": "test"}))
+    extra = tuning.tuned_configs("gemm_words", path=path)
+    assert [c.kwargs["SPLIT_K"] for c in extra] == [first["SPLIT_K"], 2] and extra[1].pre_hook is tuning.zero_output
+    assert len(tuning.merged(own, extra)) == len(own) + 1
+    shipped = json.loads(tuning.TUNED.read_text())
+    for kernel, keys in (("gemm_words", set(first)), ("gemv_words", {"BLOCK_N", "TILE_W", "SPLIT_K", "DEQUANT"})):
+        assert all(keys - {"num_warps", "num_stages"} <= set(entry) for entry in shipped.get(kernel, []))
