@@ -214,6 +214,17 @@ class TinyMLP(nn.Module):
 
 
 HF_MODELS = ["llama", "gpt2", "bert", "opt", "qwen2"]
+FAST_ARCHS = ("llama", "bert", "cnn", "mlp", "vit")  # the matrices' cases in make test; the rest in make test-all
+
+
+def fast_only(values, keep, *, unpack: bool = False) -> list:
+    """A test matrix: the cases ``keep`` holds (or accepts, when it is a function) run in
+    ``make test``; the others are marked slow and run in ``make test-all`` (CI) only.
+    ``unpack``: each value is a tuple of several parameters."""
+    import pytest
+
+    kept = keep if callable(keep) else keep.__contains__
+    return [v if kept(v) else pytest.param(*(v if unpack else (v,)), marks=pytest.mark.slow) for v in values]
 FUSED_MODELS = ["phi3", "falcon"]  # families with fused projections, held out of the main matrix
 LOCAL_MODELS = ["cnn", "vit", "mlp", "zoo"]
 

@@ -21,6 +21,7 @@ def exported(smollm2, tmp_path_factory):
     return compiled, presso.runtime.load(path)
 
 
+@pytest.mark.slow  # a float export of the whole model (over a minute); make test's real model is the CLI test
 def test_fp32_perplexity_agrees_across_eager_compiled_and_ort(smollm2, exported):
     model, tokenizer = smollm2
     compiled, runtime_model = exported

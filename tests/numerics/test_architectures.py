@@ -1,7 +1,7 @@
 """Every traced architecture: compile with no pass, export, run in ONNX Runtime, compare."""
 import pytest
 import torch
-from models import HF_MODELS, LOCAL_MODELS, build, other_inputs
+from models import FAST_ARCHS, HF_MODELS, LOCAL_MODELS, build, fast_only, other_inputs
 
 import presso
 from presso.numerics import max_abs_error
@@ -10,7 +10,7 @@ from presso.testing import assert_unchanged, call, snapshot
 TOL = 1e-4  # max abs error, float32 eager vs ONNX Runtime
 
 
-@pytest.mark.parametrize("name", HF_MODELS + LOCAL_MODELS)
+@pytest.mark.parametrize("name", fast_only(HF_MODELS + LOCAL_MODELS, FAST_ARCHS))
 def test_export_roundtrip_matches_original(name, tmp_path):
     model, example = build(name)
     before = snapshot(model)

@@ -15,7 +15,7 @@ from onnx import helper as oh
 import presso
 from presso.runtime.fused.attention import group_query_attention
 from presso.runtime.fused.norms import skip_rms_norm
-from tests.models import build
+from tests.models import build, fast_only
 
 
 def tiny(family: str, heads: int = 4, kv_heads: int = 2, layers: int = 2) -> torch.nn.Module:
@@ -46,7 +46,7 @@ def export_both(compiled, tmp_path):
     return runs
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", fast_only(["llama", "qwen2", "mistral"], ("llama",)))
 def test_each_family_exports_fused_with_the_tokens_of_the_unfused_graph(family, tmp_path):
     compiled = presso.compile(tiny(family), [], example_inputs=IDS)
     runs = export_both(compiled, tmp_path)
@@ -61,7 +61,14 @@ def test_each_family_exports_fused_with_the_tokens_of_the_unfused_graph(family, 
 PACKED_BOTH = {"qkv": 2, "gate_up": 2}  # every layer's q/k/v and gate/up as one matmul each
 
 
-@pytest.mark.parametrize("steps,packed", [
+def FUSED_FAST(case) -> bool:  # noqa: N802 - a constant of the matrix, like PACKED_BOTH
+    """int4, both int8 lowerings and one structural change in make test; the rest in make test-all."""
+    steps = case[0]
+    return steps[-1][0] in ("quantize_dynamic_int8", "quantize_static_int8", "share_attention_heads") \
+        or steps[0][1].get("bits") == 4
+
+
+@pytest.mark.parametrize("steps,packed", fast_only([
     ([("quantize_weights", {"bits": 4, "group_size": 16})], PACKED_BOTH),
     ([("quantize_weights", {"bits": 8, "group_size": 16, "embeddings": "int8"})], PACKED_BOTH),
     ([("quantize_dynamic_int8", {})], PACKED_BOTH),
@@ -69,7 +76,7 @@ PACKED_BOTH = {"qkv": 2, "gate_up": 2}  # every layer's q/k/v and gate/up as one
     ([("prune_structured", {"ratio": 0.25})], {"qkv": 0, "gate_up": 0}),
     ([("split_low_rank", {"ratio": 0.3, "method": "svd"})], {"qkv": 0, "gate_up": 0}),
     ([("share_attention_heads", {"kv_heads": 1})], {"qkv": 0, "gate_up": 0}),
-], ids=lambda v: "+".join(n for n, _ in v) if isinstance(v, list) else "")
+], FUSED_FAST, unpack=True), ids=lambda v: "+".join(n for n, _ in v) if isinstance(v, list) else "")
 def test_compressed_models_export_fused_or_say_why_not(steps, packed, tmp_path):
     """Every compressed form either fuses, checked against the compiled model like any export,
     or keeps the exporter's graph with the reason in the manifest; the tokens agree. Quantized
@@ -84,8 +91,9 @@ def test_compressed_models_export_fused_or_say_why_not(steps, packed, tmp_path):
     assert torch.equal(runs[True][1], runs[False][1])
 
 
-@pytest.mark.parametrize("name,reason", [("llama", "head size 8"), ("gpt2", "model type 'gpt2'"),
-                                         ("phi3", "model type 'phi3'")])
+@pytest.mark.parametrize("name,reason", fast_only([("llama", "head size 8"), ("gpt2", "model type 'gpt2'"),
+                                                    ("phi3", "model type 'phi3'")], lambda case: case[0] != "phi3",
+                                                   unpack=True))
 def test_models_the_fused_forward_does_not_cover_keep_the_exporters_graph(name, reason, tmp_path):
     model, example = build(name)
     path = presso.compile(model, [], example_inputs=example).export(tmp_path / "m")

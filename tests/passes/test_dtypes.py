@@ -11,7 +11,7 @@ import torch
 
 import presso
 from presso.numerics import non_finite, rel_error
-from tests.models import VOCAB, _hf
+from tests.models import VOCAB, _hf, fast_only
 
 HALF = [torch.bfloat16, torch.float16]
 CAUSAL = ["llama", "qwen2", "phi3", "falcon", "gpt2", "opt"]
@@ -55,8 +55,8 @@ def _check(arch: str, dtype: torch.dtype, steps, tolerance: float | None = None)
         assert err < tolerance, f"{arch} {dtype}: {err:.3g} from the float32 result"
 
 
-# llama in make test; every other family and dtype in make test-all (CI)
-FAMILIES = [pytest.param(a, marks=() if a == "llama" else pytest.mark.slow) for a in CAUSAL]
+FAMILIES = fast_only(CAUSAL, ("llama",))  # every family and half dtype in make test-all (CI)
+BF16_FAST = fast_only(HALF, (torch.bfloat16,))
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
@@ -73,7 +73,7 @@ def test_opt_shared_pruned_split_traces():
     assert not non_finite([_logits(compiled)])
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", BF16_FAST, ids=str)
 @pytest.mark.parametrize("family", sorted(QUANTIZERS))
 def test_quantizers_keep_dtype(family, dtype):
     _check("llama", dtype, QUANTIZERS[family], tolerance=0.1)
@@ -96,7 +96,7 @@ def test_bert_half_precision():
     assert compiled(IDS).last_hidden_state.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("dtype", BF16_FAST, ids=str)
 def test_half_model_lowers_to_float32_onnx(dtype, tmp_path):
     """ONNX Runtime's CPU kernels are float32: the file computes in float32, is checked against a
     float32 view of the compiled model, and the backend returns the model's dtype."""

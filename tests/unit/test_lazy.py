@@ -11,7 +11,7 @@ import presso
 from presso import lazy
 from presso.checkpoint import open_checkpoint
 from presso.errors import PressoError
-from tests.models import small_llama
+from tests.models import fast_only, small_llama
 
 IDS = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 CALIBRATION = [torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -32,7 +32,7 @@ def _logits(compiled):
     return compiled(IDS).logits
 
 
-@pytest.mark.parametrize("method", ["rtn", "gptq"])
+@pytest.mark.parametrize("method", fast_only(["rtn", "gptq"], ("rtn",)))
 def test_a_folder_compiles_exactly_like_the_loaded_model(folder, method):
     path, whole = folder
     p = presso.make_pass("quantize_weights", method=method)

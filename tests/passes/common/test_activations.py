@@ -10,7 +10,7 @@ import torch
 
 import presso
 from presso.passes.common import activations
-from tests.models import small_llama
+from tests.models import fast_only, small_llama
 
 IDS = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
 CALIBRATION = [torch.randint(3, 1000, (2, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
@@ -32,11 +32,11 @@ def _leftovers():
     return glob.glob(f"{tempfile.gettempdir()}/presso-activations-*")
 
 
-@pytest.mark.parametrize("steps", [
+@pytest.mark.parametrize("steps", fast_only([
     [("quantize_weights", {"method": "gptq"})],
     [("quantize_weights", {"method": "awq"})],
     [("split_low_rank", {"ratio": 0.3, "method": "whiten"})],
-])
+], lambda steps: steps[0][0] == "quantize_weights"))
 def test_inputs_on_disk_give_the_same_model(steps, monkeypatch):
     before = set(_leftovers())
     in_memory = _logits(steps)

@@ -1,7 +1,7 @@
 """Model-family adapters: every family's attention read right, pruning through them on fused layouts."""
 import pytest
 import torch
-from models import build
+from models import build, fast_only
 
 import presso
 from presso.passes.common.adapters import AdapterError, attentions
@@ -28,8 +28,9 @@ def test_an_attention_no_adapter_knows_is_named_with_the_hook():
     assert attentions(model, required=False) == []
 
 
-@pytest.mark.parametrize("name", ["phi3", "falcon"])
-@pytest.mark.parametrize("target", [("mlp",), ("heads",)])
+@pytest.mark.parametrize("name, target", fast_only([("phi3", ("mlp",)), ("falcon", ("mlp",)), ("phi3", ("heads",)),
+                                                    ("falcon", ("heads",))],
+                                                   (("phi3", ("mlp",)), ("falcon", ("heads",))), unpack=True))
 def test_fused_projections_prune_and_match_in_onnx_runtime(name, target):
     model, example = build(name)
     p = presso.make_pass("prune_structured", ratio=0.5, target=target)

@@ -2,6 +2,7 @@
 reported by the failing rank, a stopped run resumed."""
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -82,6 +83,7 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm())
 
 
+@pytest.mark.slow  # a single and a two-process calibration; make test keeps the failing-rank case
 def test_two_processes_give_the_single_process_model(tmp_path):
     """The same model as one process on the same thread count: the statistics' sums are exact
     here (float64 sums of few rows), so even GPTQ, AWQ and whitening come out identical."""
@@ -108,6 +110,7 @@ def test_a_failing_rank_stops_both_with_its_error(tmp_path):
     assert "rounding broke on purpose" in ranks[0]["error"]
 
 
+@pytest.mark.slow  # three runs of two processes; resuming one process is in tests/unit/test_progress.py
 def test_a_failed_run_resumes_after_its_last_finished_block(tmp_path):
     """Rank 1 fails in the second block; the rerun keeps the first block and redoes the second."""
     resume, first = tmp_path / "resume", tmp_path / "first"

@@ -1,7 +1,7 @@
 """share_attention_heads: GQA/MQA conversion on tiny models, parity in ONNX Runtime, errors."""
 import pytest
 import torch
-from models import build, other_inputs
+from models import build, fast_only, other_inputs
 
 import presso
 from presso.errors import ConfigError
@@ -15,7 +15,8 @@ CASES = [("llama", 1, "similarity", "lstsq"), ("qwen2", 1, "adjacent", "mean"), 
          ("opt", 1, "adjacent", "mean")]
 
 
-@pytest.mark.parametrize("name, kv_heads, grouping, merge", CASES)
+@pytest.mark.parametrize("name, kv_heads, grouping, merge",
+                         fast_only(CASES, (CASES[0], ("gpt2", 2, "adjacent", "mean")), unpack=True))
 def test_fewer_kv_heads_run_export_and_match_in_onnx_runtime(name, kv_heads, grouping, merge):
     model, example = build(name)
     calibration = [other_inputs(name, example) for _ in range(4)]
@@ -70,7 +71,7 @@ def test_invalid_kv_heads_names_the_divisors():
         presso.make_pass("share_attention_heads", kv_heads=0)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "opt"])
+@pytest.mark.parametrize("name", fast_only(["gpt2", "opt"], ("opt",)))
 def test_mha_to_gqa_shrinks_the_exported_kv_cache_and_decodes_like_torch(name, tmp_path):
     model, example = build(name)
     compiled = presso.compile(model, [presso.make_pass("share_attention_heads", kv_heads=2)], example_inputs=example)

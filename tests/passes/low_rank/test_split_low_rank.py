@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from models import build, other_inputs
+from models import build, fast_only, other_inputs
 
 import presso
 from presso.errors import ConfigError, PassError
@@ -113,7 +113,7 @@ def test_sequential_whitening_fits_blocks_in_order_and_lowers_the_output_error()
     assert errors[True] < errors[False]
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "opt", "vit"])
+@pytest.mark.parametrize("name", fast_only(["llama", "gpt2", "bert", "opt", "vit"], ("llama", "bert")))
 def test_factored_models_export_and_match_in_onnx_runtime(name):
     model, example = build(name)
     calibration = [other_inputs(name, example) for _ in range(4)]
@@ -242,6 +242,7 @@ def test_shared_first_factors_are_reported_and_counted_once():
     )
 
 
+@pytest.mark.slow  # four compiles; make test composes passes in test_share_then_split_then_quantize_compose_...
 def test_pruning_composes_before_a_split_and_names_the_way_out_after_a_shared_one():
     model, example = build("llama")
     calibration = [other_inputs("llama", example) for _ in range(3)]
@@ -263,11 +264,11 @@ def test_pruning_composes_before_a_split_and_names_the_way_out_after_a_shared_on
 
 @pytest.mark.parametrize(
     "quantizer, options",
-    [
+    fast_only([
         ("quantize_dynamic_int8", {}),
         ("quantize_static_int8", dict(dynamic=(), skip=())),  # every linear static, so each is counted once
         ("quantize_weights", dict(bits=4, group_size=16, method="gptq")),
-    ],
+    ], lambda case: case[0] == "quantize_dynamic_int8", unpack=True),
 )
 def test_each_quantizer_replaces_a_shared_factor_once_at_every_path(quantizer, options):
     model, example = build("llama")

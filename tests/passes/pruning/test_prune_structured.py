@@ -1,7 +1,7 @@
 """prune_structured on tiny models: groups, exact cuts, export parity, config, recovery, errors."""
 import pytest
 import torch
-from models import build, other_inputs, small_llama
+from models import FAST_ARCHS, build, fast_only, other_inputs, small_llama
 from torch import nn
 
 import presso
@@ -95,7 +95,7 @@ def test_cutting_units_that_contribute_nothing_leaves_outputs_exactly_unchanged(
     assert layer.self_attn.q_proj.out_features == 16 and layer.mlp.up_proj.out_features == 32
 
 
-@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("name", fast_only(sorted(TARGETS), FAST_ARCHS))
 def test_pruned_models_export_and_match_in_onnx_runtime(name):
     model, example = build(name)
     p = prune(target=TARGETS[name], ratio=0.5)

@@ -1,7 +1,7 @@
 import onnx
 import pytest
 import torch
-from models import build
+from models import build, fast_only
 
 import presso
 from presso.numerics import max_abs_error, rel_error
@@ -19,9 +19,10 @@ def test_accuracy_and_no_mutation(name):
     assert compiled.report["bytes_after"] < compiled.report["bytes_before"]
 
 
-@pytest.mark.parametrize("name,activations,quantizer", [
+@pytest.mark.parametrize("name,activations,quantizer", fast_only([
     ("llama", "per_token", "Cast"), ("gpt2", "per_token", "Cast"), ("bert", "per_token", "Cast"),
-    ("bert", "per_tensor", "DynamicQuantizeLinear")])
+    ("bert", "per_tensor", "DynamicQuantizeLinear")],
+    (("llama", "per_token", "Cast"), ("bert", "per_tensor", "DynamicQuantizeLinear")), unpack=True))
 def test_onnx_uses_integer_matmul_and_agrees_with_torch(name, activations, quantizer, tmp_path):
     model, example = build(name)
     compiled = presso.compile(model, [presso.make_pass("quantize_dynamic_int8", activations=activations)],
@@ -82,7 +83,7 @@ def test_size_on_disk_shrinks(tmp_path):
 
     model = small_llama()
     ids = torch.randint(3, 2048, (1, 16))
-    float_size = presso.compile(model, [], example_inputs=ids).export(tmp_path / "f", kv_cache=False).stat().st_size
+    float_size = sum(p.numel() * p.element_size() for p in model.parameters())  # a float file is at least this
     int8 = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=ids)
     int8_size = int8.export(tmp_path / "q", kv_cache=False).stat().st_size
     assert int8_size < 0.4 * float_size

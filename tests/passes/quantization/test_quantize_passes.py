@@ -2,7 +2,7 @@
 import onnx
 import pytest
 import torch
-from models import build, other_inputs, small_llama
+from models import FAST_ARCHS, build, fast_only, other_inputs, small_llama
 
 import presso
 from presso.passes.common.scale_groups import find_scale_groups
@@ -23,7 +23,7 @@ def op_types(path) -> list[str]:
     return [n.op_type for n in onnx.load(str(path)).graph.node]
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", fast_only(ALL, FAST_ARCHS))
 def test_static_int8_with_smoothing_is_accurate_and_runs_in_ort(name):
     model, example = build(name)
     passes = [presso.make_pass("smooth_quant", search=True), presso.make_pass("quantize_static_int8", observer="mse")]
@@ -80,7 +80,7 @@ def _file_matches(report) -> bool:
     return check["rel_error"] <= check["tolerance"] and check["rel_error"] < 0.05
 
 
-@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("symmetric", fast_only([True, False], (False,)))
 def test_int4_exports_matmulnbits_and_shrinks_on_disk(symmetric, tmp_path):
     model = small_llama()
     model.lm_head.weight = model.model.embed_tokens.weight  # tied, as in SmolLM2
@@ -130,6 +130,7 @@ def test_static_int8_exports_qdq_that_ort_fuses(tmp_path):
     assert compiled.report["backend_rel_error"] < 5e-3
 
 
+@pytest.mark.slow  # one more static-int8 export of the 4-layer Llama (20 s); make test-all runs it
 def test_static_int8_with_per_token_down_proj_matches_ort(tmp_path):
     model, example = build("llama")
     passes = [presso.make_pass("smooth_quant", search=True, skip=("*down_proj",)),
