@@ -35,16 +35,19 @@ SMOL = [(1536, 576), (576, 1536), (3072, 576), (960, 576)]  # SmolLM2: up, down,
 
 
 @triton.jit
+def _grouped(pid, grid_a, grid_b, GROUP: tl.constexpr):
+    """Program ``pid``'s tile ``(a, b)``: ``GROUP`` tiles along ``a`` run side by side, so the
+    operand they share along ``b`` is read from L2 more often than from memory."""
+    first = pid // (GROUP * grid_b) * GROUP
+    size = min(grid_a - first, GROUP)
+    return first + (pid % (GROUP * grid_b)) % size, (pid % (GROUP * grid_b)) // size
+
+
+@triton.jit
 def _bf16_gemm_kernel(x_ptr, w_ptr, out_ptr, M, N, K, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     """``x (M, K) @ w (K, N)`` in bf16, grouped tile order for L2 reuse: the bound for a fused kernel."""
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_n)
-    first_m = group * GROUP_M
-    size_m = min(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * grid_n)) % size_m
-    pid_n = (pid % (GROUP_M * grid_n)) // size_m
+    pid_m, pid_n = _grouped(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -72,13 +75,7 @@ def _int4_swap_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, BLOCKS, BLOCK_M: tl
     """Symmetric int4 from the row layout with the operands swapped: ``out.T = W @ x.T``, so the
     dequantized weight tile is the left operand, which Hopper's wgmma may read from registers
     (no shared-memory round trip), and ``x.T`` the right one, loaded as it lies (K-major)."""
-    pid = tl.program_id(0)
-    grid_m, grid_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * grid_m)
-    first_n = group * GROUP_M
-    size_n = min(grid_n - first_n, GROUP_M)
-    pid_n = first_n + (pid % (GROUP_M * grid_m)) % size_n
-    pid_m = (pid % (GROUP_M * grid_m)) // size_n
+    pid_n, pid_m = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rb = tl.arange(0, BLOCK_K // 2)
