@@ -105,7 +105,7 @@ def test_a_large_model_waits_on_disk_while_its_file_is_checked(tmp_path, monkeyp
     assert torch.equal(compiled(example).logits, before)
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2", "bert", "opt"])
+@pytest.mark.parametrize("name", fast_only(["llama", "gpt2", "bert", "opt"], ("llama", "bert")))
 def test_modules_found_by_an_eager_run_are_those_the_trace_names(name):
     """The export check's noise floor puts noise at every module that computes; one eager run
     finds the modules the trace names, without the seconds a trace costs."""
