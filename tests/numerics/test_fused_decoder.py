@@ -61,7 +61,7 @@ def test_each_family_exports_fused_with_the_tokens_of_the_unfused_graph(family, 
 PACKED_BOTH = {"qkv": 2, "gate_up": 2}  # every layer's q/k/v and gate/up as one matmul each
 
 
-def FUSED_FAST(case) -> bool:  # noqa: N802 - a constant of the matrix, like PACKED_BOTH
+def fast_compression(case) -> bool:
     """int4, both int8 lowerings and one structural change in make test; the rest in make test-all."""
     steps = case[0]
     return steps[-1][0] in ("quantize_dynamic_int8", "quantize_static_int8", "share_attention_heads") \
@@ -76,7 +76,7 @@ def FUSED_FAST(case) -> bool:  # noqa: N802 - a constant of the matrix, like PAC
     ([("prune_structured", {"ratio": 0.25})], {"qkv": 0, "gate_up": 0}),
     ([("split_low_rank", {"ratio": 0.3, "method": "svd"})], {"qkv": 0, "gate_up": 0}),
     ([("share_attention_heads", {"kv_heads": 1})], {"qkv": 0, "gate_up": 0}),
-], FUSED_FAST, unpack=True), ids=lambda v: "+".join(n for n, _ in v) if isinstance(v, list) else "")
+], fast_compression, unpack=True), ids=lambda v: "+".join(n for n, _ in v) if isinstance(v, list) else "")
 def test_compressed_models_export_fused_or_say_why_not(steps, packed, tmp_path):
     """Every compressed form either fuses, checked against the compiled model like any export,
     or keeps the exporter's graph with the reason in the manifest; the tokens agree. Quantized
