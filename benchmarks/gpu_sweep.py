@@ -103,6 +103,57 @@ def int4_swap(x: torch.Tensor, rows: tuple, config: dict) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _biased_codes(nibbles, dtype: tl.constexpr):
+    """Codes ``c`` (0..15) as the floats ``BIAS + c``, exactly, by OR-ing them into the mantissa of
+    ``BIAS`` (128 in bf16, 1024 in fp16): no integer-to-float conversion. In fp32, whose products
+    would lose the code to the bias, the bias is taken off at once (``BIAS`` 0)."""
+    if dtype == tl.bfloat16:
+        codes = (nibbles.to(tl.int16) | 0x4300).to(tl.bfloat16, bitcast=True)
+    elif dtype == tl.float16:
+        codes = (nibbles.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        codes = (nibbles.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return codes
+
+
+@triton.jit
+def _int4_swap_biased_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, BLOCKS, BIAS, BLOCK_M: tl.constexpr,
+                             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                             GROUP_M: tl.constexpr):
+    """As :func:`_int4_swap_kernel`, with the cheapest unpacking: the weight tile enters the product
+    as ``BIAS + c`` (an AND and an OR per code), and ``(BIAS + 8) * sum(x)`` and the block scale
+    (one per tile: ``BLOCK_K`` divides ``GROUP``) are applied to the product afterwards."""
+    pid_n, pid_m = _grouped(tl.program_id(0), tl.cdiv(N, BLOCK_N), tl.cdiv(M, BLOCK_M), GROUP_M)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rb = tl.arange(0, BLOCK_K // 2)
+    rk = tl.arange(0, BLOCK_K)
+    dtype = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    for k in range(0, K, BLOCK_K):
+        packed = tl.load(w_ptr + rn[:, None] * (K // 2) + (k // 2 + rb)[None, :], mask=(rn < N)[:, None], other=0)
+        w = tl.reshape(tl.join(_biased_codes(packed & 0xF, dtype), _biased_codes(packed >> 4, dtype)),
+                       (BLOCK_N, BLOCK_K))
+        xt = tl.load(x_ptr + rm[None, :] * K + (k + rk)[:, None], mask=(rm < M)[None, :], other=0.0)
+        part = tl.dot(w, xt) - (BIAS + 8.0) * tl.sum(xt.to(tl.float32), axis=0)[None, :]
+        scale = tl.load(s_ptr + rn * BLOCKS + k // GROUP, mask=rn < N, other=0.0).to(tl.float32)
+        acc += part * scale[:, None]
+    tl.store(out_ptr + rm[None, :] * N + rn[:, None], acc.to(out_ptr.dtype.element_ty),
+             mask=(rm < M)[None, :] & (rn < N)[:, None])
+
+
+def int4_swap_biased(x: torch.Tensor, rows: tuple, config: dict) -> torch.Tensor:
+    codes, scales = rows[0], rows[1]
+    m, k = x.shape
+    n, blocks = scales.shape
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    bias = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
+    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
+    _int4_swap_biased_kernel[grid](x, codes, scales, out, m, n, k, blocks, bias, GROUP=k // blocks, **config)
+    return out
+
+
 SWAP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
         for bm, bn, bk, w, st in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
                                   (64, 256, 64, 8, 3), (256, 128, 64, 8, 3), (128, 128, 128, 8, 3),
@@ -164,7 +215,8 @@ CEILING = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_
 
 
 EXTRA = [("Triton bf16 GEMM (ceiling)", CEILING, lambda x, s, c: bf16_gemm(x, s["w_t"], c)),
-         ("int4 swapped operands", SWAP, lambda x, s, c: int4_swap(x, s["rows"], c))]
+         ("int4 swapped operands", SWAP, lambda x, s, c: int4_swap(x, s["rows"], c)),
+         ("int4 swapped, biased codes", SWAP, lambda x, s, c: int4_swap_biased(x, s["rows"], c))]
 
 
 def plans(per_plan: int) -> dict:
@@ -232,7 +284,7 @@ KERNEL_OF_PLAN = {"gemv": "gemv_words", "gemm": "gemm_words", "int8": "gemm_word
 
 
 def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
-    from presso.runtime.triton import weight_only
+    from presso.runtime.triton import tuning, weight_only
 
     bits, rows, shapes, candidates, call = plans(per_plan)[name]
     for n, k in shapes:
@@ -250,6 +302,8 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
                 line += f"; torch int4 {tiny:.2f} µs ({base / tiny:.2f}x)"
             results = []
             for c in candidates:
+                if "TILE_W" in c and not tuning.split_ok(k * bits // 32, c["TILE_W"], c["SPLIT_K"]):
+                    continue  # the kernels' pruning would refuse it (too many splits for 16-bit adds)
                 try:
                     results.append((graph_us([lambda s=s, c=c: call(x, s, c, k) for s in sets]), c))
                 except Exception:  # noqa: BLE001 - a candidate this shape refuses
@@ -262,7 +316,8 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
                             error = float((run(x, sets[0], c).float() - reference).norm() / reference.norm())
                             us = graph_us([lambda s=s, c=c, run=run: run(x, s, c) for s in sets])
                         except Exception as exc:  # noqa: BLE001
-                            log(f"- {kernel} {c} refused: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+                            why = " / ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+                            log(f"- {kernel} {c} refused: {type(exc).__name__}: {why[-400:]}")
                             continue
                         results.append((us, dict(c, kernel=kernel, error=round(error, 4))))
             results.sort(key=lambda r: r[0])
@@ -320,7 +375,9 @@ def write_winners(path: Path, winners: dict) -> None:
     tuned = json.loads(path.read_text()) if path.exists() else {}
     for kernel, configs in winners.items():
         have = tuned.setdefault(kernel, [])
-        have += [c for c in configs if c not in have]
+        for c in configs:
+            if c not in have:
+                have.append(c)
     tuned["device"] = torch.cuda.get_device_name()
     path.write_text(json.dumps(tuned, indent=1, sort_keys=True) + "\n")
 

@@ -44,7 +44,7 @@ def _prune(configs, named_args, **kwargs):
     m, n, words = args["M"], args["N"], args["WORDS"]
     pairs_ok = args["BITS"] == 4 and not args["HAS_ZEROS"] and args["x_ptr"].dtype in (torch.bfloat16, torch.float16)
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, triton.next_power_of_2(m))
-            and c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
+            and tuning.split_ok(words, c.kwargs["TILE_W"], c.kwargs["SPLIT_K"])
             and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
             and (pairs_ok or not c.kwargs["PAIRS"])]
     return kept or [triton.Config(dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=1, PAIRS=0, UNPACK=0),

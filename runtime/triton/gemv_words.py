@@ -81,7 +81,7 @@ def _prune(configs, named_args, **kwargs):
     words, n, words_per_group = args["WORDS"], args["N"], args["GROUP"] * args["BITS"] // 32
     half2 = args["BITS"] == 4 and not args["HAS_ZEROS"]
     kept = [c for c in configs if words_per_group % c.kwargs["TILE_W"] == 0
-            and c.kwargs["TILE_W"] * c.kwargs["SPLIT_K"] <= max(words, 16)
+            and tuning.split_ok(words, c.kwargs["TILE_W"], c.kwargs["SPLIT_K"])
             and c.kwargs["BLOCK_N"] <= max(64, triton.next_power_of_2(n))
             and (c.kwargs["DEQUANT"] != 2 or half2)
             and (c.kwargs["DEQUANT"] != 0 or args["BITS"] == 8)]  # plain converts won only for int8 (H100 sweep)

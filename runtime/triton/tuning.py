@@ -38,6 +38,22 @@ def grid(keys: tuple[str, ...], rows: list[tuple], flag: str, flag_values: tuple
     return out
 
 
+# Split-K programs add their partial sums into the 16-bit output atomically, each add rounding
+# to 16 bits: the error grows with the number of splits that hold work (float64 references:
+# 7e-3 to 1e-2 relative at 48-64 on an H100 and an H200, against the kernels' bound of 1e-2).
+# A float32 workspace with an arrival counter instead was measured 1-1.5 µs slower per call.
+MAX_ACTIVE_SPLITS = 32
+
+
+def split_ok(words: int, tile_w: int, split_k: int) -> bool:
+    """A split-K configuration worth trying on ``words`` words of K: at most ``MAX_ACTIVE_SPLITS``
+    splits hold tiles (accuracy), and no more than half of the splits sit idle (an idle program
+    is cheap: among the sweep's fastest at K = 576 is one of 32 splits over 18 tiles)."""
+    tiles = -(-words // tile_w)
+    active = -(-tiles // -(-tiles // split_k))
+    return active <= MAX_ACTIVE_SPLITS and split_k <= max(2 * tiles, 1)
+
+
 TUNED = Path(__file__).with_name("tuned.json")
 
 
@@ -102,10 +118,10 @@ REPLAYS = 11
 
 
 def _flush_buffer(device) -> torch.Tensor:
-    """Twice the L2 cache, written before each timed call so that weights come from HBM, as in a model."""
+    """Twice the L2 cache, read before each timed call so that weights come from HBM, as in a model."""
     if device not in _FLUSH:
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2 ** 20)
-        _FLUSH[device] = torch.empty(max(2 * l2, 2 ** 20) // 4, dtype=torch.int32, device=device)
+        _FLUSH[device] = torch.zeros(max(2 * l2, 2 ** 20) // 4, dtype=torch.int32, device=device)
     return _FLUSH[device]
 
 
@@ -132,10 +148,17 @@ def bench_in_graph(kernel_call, quantiles=None) -> list[float]:
     graph holds ``CALLS_PER_GRAPH`` calls, each after an L2 flush; a second graph of the flushes
     alone is subtracted. Medians of both keep the ranking stable from run to run.
     ``PRESSO_TUNER=events`` switches back to Triton's timer.
+
+    The flush reads twice the L2 cache (a reduction) rather than writing it: after a write,
+    every line the timed kernel loads first evicts a dirty one, a write-back that a kernel in a
+    model, whose neighbours write only activations, does not pay; the fastest batch-1
+    configuration in ``benchmarks.gpu_sweep`` (timed as in a model) was not the one chosen.
+    ``PRESSO_TUNER_FLUSH=write`` writes it, as before.
     """
     if os.environ.get("PRESSO_TUNER") == "events":  # Triton's own timer, to compare against
         return triton.testing.do_bench(kernel_call, quantiles=quantiles)
-    flush = _flush_buffer(torch.cuda.current_device())
+    buffer = _flush_buffer(torch.cuda.current_device())
+    flush = buffer.zero_ if os.environ.get("PRESSO_TUNER_FLUSH") == "write" else buffer.max
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -147,12 +170,12 @@ def bench_in_graph(kernel_call, quantiles=None) -> list[float]:
 
         def calls():
             for _ in range(CALLS_PER_GRAPH):
-                flush.zero_()
+                flush()
                 kernel_call()
 
         def flushes():
             for _ in range(CALLS_PER_GRAPH):
-                flush.zero_()
+                flush()
 
         both, alone = _graph_ms(calls, REPLAYS), _graph_ms(flushes, REPLAYS)
     torch.cuda.current_stream().wait_stream(stream)

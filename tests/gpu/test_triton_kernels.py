@@ -87,6 +87,26 @@ def test_word_gemv_matches_reference(n, k, bits, group, symmetric):
     assert rel(got, ref) < TOLERANCE
 
 
+def test_split_k_keeps_at_most_32_splits_with_work():
+    """Each split's partial sums are added into the bf16 output, one rounding per add: the pruning
+    rules keep at most 32 splits that hold tiles, and at that count the error stays in bound."""
+    from presso.runtime.triton import tuning
+
+    for words in (72, 192, 384, 512, 1376):  # K = 576 ... 11008, int4 and int8
+        for c in gemv_words._configs() + gemm_words._configs():
+            if tuning.split_ok(words, c.kwargs["TILE_W"], c.kwargs["SPLIT_K"]):
+                tiles = -(-words // c.kwargs["TILE_W"])
+                assert -(-tiles // -(-tiles // c.kwargs["SPLIT_K"])) <= 32 and c.kwargs["SPLIT_K"] <= 2 * tiles
+    n, k = 4096, 4096
+    packed, operands = _packed(n, k, 4, 128, True, torch.bfloat16)
+    words = gemv_words.prepare_words(*operands)
+    for config in (dict(BLOCK_N=256, TILE_W=8, SPLIT_K=32, DEQUANT=1),
+                   dict(BLOCK_N=512, TILE_W=16, SPLIT_K=32, DEQUANT=2)):
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        got = gemv_words.gemv_words(x, *words, k, 4, config=config)
+        assert rel(got, weight_only_reference(x, packed.packed, packed.scales, None, k, 4)) < TOLERANCE, config
+
+
 @pytest.mark.parametrize("pdl", ["0", "1"])
 def test_word_gemv_in_a_cuda_graph(monkeypatch, pdl):
     """Replayed back to back in one graph (the decode setting), with and without dependent launch:
