@@ -11,7 +11,9 @@ weight copies that overflow L2). Per shape and batch it prints cuBLAS bf16, toda
 dispatch, torch's int4 kernel at one row, and the fastest candidates. ``prefill`` adds a plain
 Triton bf16 GEMM (tiles loaded and multiplied, nothing dequantized): the ceiling of any fused
 Triton kernel at those sizes. ``--write`` adds each shape's fastest candidate, where it beats
-today's dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``).
+today's dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``),
+and pins every swept shape's fastest for this device (``pins``: the kernels launch it there
+without autotuning). Candidates the kernels' pruning rules would refuse are not timed.
 """
 from __future__ import annotations
 
@@ -284,7 +286,7 @@ KERNEL_OF_PLAN = {"gemv": "gemv_words", "gemm": "gemm_words", "int8": "gemm_word
 
 
 def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
-    from presso.runtime.triton import tuning, weight_only
+    from presso.runtime.triton import pins, tuning, weight_only
 
     bits, rows, shapes, candidates, call = plans(per_plan)[name]
     for n, k in shapes:
@@ -302,7 +304,7 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
                 line += f"; torch int4 {tiny:.2f} µs ({base / tiny:.2f}x)"
             results = []
             for c in candidates:
-                if "TILE_W" in c and not tuning.split_ok(k * bits // 32, c["TILE_W"], c["SPLIT_K"]):
+                if "TILE_W" in c and not tuning.split_ok(sets[0]["words"][0].shape[0], c["TILE_W"], c["SPLIT_K"]):
                     continue  # the kernels' pruning would refuse it (too many splits for 16-bit adds)
                 try:
                     results.append((graph_us([lambda s=s, c=c: call(x, s, c, k) for s in sets]), c))
@@ -324,6 +326,9 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
             own = [r for r in results if "kernel" not in r[1]]
             if own and own[0][0] < 0.98 * today:
                 winners.setdefault(KERNEL_OF_PLAN[name], []).append(own[0][1])
+            if own and name != "prefill":  # prefill rows go to dequantize + cuBLAS, not to these kernels
+                key = pins.pin_key(n, k, tuning.rows_key(m), bits, 128 if bits == 4 else k, True, x.dtype)
+                winners.setdefault("pinned", {}).setdefault(KERNEL_OF_PLAN[name], {})[key] = own[0][1]
             log(line + f"; {len(results)} candidates timed")
             for us, c in results[:6]:
                 log(f"- {us:.2f} µs ({base / us:.2f}x) {c}")
@@ -371,9 +376,16 @@ def main() -> None:
 
 
 def write_winners(path: Path, winners: dict) -> None:
-    """Merge ``winners`` into the tuned-configurations file, one entry per distinct configuration."""
+    """Merge ``winners`` into the tuned-configurations file: candidates for the autotune lists (one
+    entry per distinct configuration) and, under ``"pinned"``, each swept shape's fastest."""
+    from presso.runtime.triton import pins
+
     tuned = json.loads(path.read_text()) if path.exists() else {}
+    for kernel, by_key in winners.get("pinned", {}).items():
+        pins.with_pins(tuned, kernel, torch.cuda.get_device_name(), by_key)
     for kernel, configs in winners.items():
+        if kernel == "pinned":
+            continue
         have = tuned.setdefault(kernel, [])
         for c in configs:
             if c not in have:

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from presso.runtime.triton import tuning
+from presso.runtime.triton import pins, tuning
 
 
 def _configs() -> list[triton.Config]:
@@ -221,6 +221,9 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     if config is not None and config.get("PAIRS") and (bits != 4 or zeros_t is not None
                                                        or x.dtype not in (torch.bfloat16, torch.float16)):
         raise ValueError("PAIRS=1 (half-precision code pairs) is for symmetric int4 with 16-bit activations only")
+    if config is None:  # the sweep's choice for this device, shape and row bucket, if it timed one
+        key = pins.pin_key(n, k, tuning.rows_key(m), bits, group, zeros_t is None, x.dtype)
+        config = pins.pinned_on("gemm_words", x.device, key)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if config is not None and config.get("SPLIT_K", 1) > 1:
         out.zero_()

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from presso.runtime.triton import tuning
+from presso.runtime.triton import pins, tuning
 
 
 def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
@@ -236,6 +236,8 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     if config is not None and (n_words // blocks) % config["TILE_W"]:
         raise ValueError(f"TILE_W={config['TILE_W']} must divide the {n_words // blocks} words "
                          "of one quantization block")
+    if config is None:  # the sweep's choice for this device and shape, if it timed one
+        config = pins.pinned_on("gemv_words", x.device, pins.pin_key(n, k, 1, bits, group, zeros_t is None, x.dtype))
     pdl = uses_pdl(x.device)
     if config is not None and config.get("SPLIT_K", 1) > 1:
         _zero(out, pdl)

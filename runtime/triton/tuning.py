@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from triton.compiler.errors import CompilationError
 
+from presso.runtime.triton.pins import TUNED
+
 
 def rows_key(m: int) -> int:
     """The row count the autotuners key on: ``m`` rounded up to a power of two, so a prefill of a
@@ -54,7 +56,6 @@ def split_ok(words: int, tile_w: int, split_k: int) -> bool:
     return active <= MAX_ACTIVE_SPLITS and split_k <= max(2 * tiles, 1)
 
 
-TUNED = Path(__file__).with_name("tuned.json")
 
 
 def tuned_configs(kernel: str, zero=zero_output, path: Path = TUNED) -> list[triton.Config]:

@@ -107,6 +107,39 @@ def test_split_k_keeps_at_most_32_splits_with_work():
         assert rel(got, weight_only_reference(x, packed.packed, packed.scales, None, k, 4)) < TOLERANCE, config
 
 
+def test_pinned_configurations_are_launched_and_kept_by_the_rules(monkeypatch):
+    """A shape with a pin runs its pinned configuration (correctly); every shipped pin is one the
+    pruning rules would keep."""
+    import json
+
+    from presso.runtime.triton import pins, tuning
+
+    asked = []
+
+    def pinned_on(kernel, device, key):
+        asked.append((kernel, key))
+        return dict(BLOCK_N=64, TILE_W=2, SPLIT_K=3, DEQUANT=1, num_warps=4, num_stages=3) if kernel == "gemv_words" \
+            else dict(BLOCK_M=16, BLOCK_N=64, TILE_W=16, SPLIT_K=2, PAIRS=1, UNPACK=0, num_warps=4, num_stages=3)
+
+    monkeypatch.setattr(pins, "pinned_on", pinned_on)
+    n, k = 1536, 576
+    packed, operands = _packed(n, k, 4, 64, True, torch.bfloat16)
+    words = gemv_words.prepare_words(*operands)
+    for m, kernel in ((1, gemv_words.gemv_words), (16, gemm_words.gemm_words)):
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ref = weight_only_reference(x, packed.packed, packed.scales, None, k, 4)
+        assert rel(kernel(x, *words, k, 4), ref) < TOLERANCE
+    assert asked == [("gemv_words", "1536x576 m1 int4 g64 sym bfloat16"),
+                     ("gemm_words", "1536x576 m16 int4 g64 sym bfloat16")]
+    for kernels in json.loads(pins.TUNED.read_text()).get("pinned", {}).values():
+        for by_key in kernels.values():
+            for key, c in by_key.items():
+                n, k = map(int, key.split()[0].split("x"))
+                bits, group = int(key.split()[2][3:]), int(key.split()[3][1:])
+                words_per_group, words = group * bits // 32, -(-k // group) * group * bits // 32
+                assert words_per_group % c["TILE_W"] == 0 and tuning.split_ok(words, c["TILE_W"], c["SPLIT_K"]), key
+
+
 @pytest.mark.parametrize("pdl", ["0", "1"])
 def test_word_gemv_in_a_cuda_graph(monkeypatch, pdl):
     """Replayed back to back in one graph (the decode setting), with and without dependent launch:
