@@ -95,13 +95,18 @@ def _int4_swap_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, BLOCKS, BLOCK_M: tl
              mask=(rm < M)[None, :] & (rn < N)[:, None])
 
 
-def int4_swap(x: torch.Tensor, rows: tuple, config: dict) -> torch.Tensor:
+def int4_swap(x: torch.Tensor, rows: tuple, config: dict, biased: bool = False) -> torch.Tensor:
+    """``x @ W.T`` by :func:`_int4_swap_kernel`, or with ``biased`` by :func:`_int4_swap_biased_kernel`."""
     codes, scales = rows[0], rows[1]
     m, k = x.shape
     n, blocks = scales.shape
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _int4_swap_kernel[grid](x, codes, scales, out, m, n, k, blocks, GROUP=k // blocks, **config)
+    if biased:
+        bias = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
+        _int4_swap_biased_kernel[grid](x, codes, scales, out, m, n, k, blocks, bias, GROUP=k // blocks, **config)
+    else:
+        _int4_swap_kernel[grid](x, codes, scales, out, m, n, k, blocks, GROUP=k // blocks, **config)
     return out
 
 
@@ -143,17 +148,6 @@ def _int4_swap_biased_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, BLOCKS, BIAS
         acc += part * scale[:, None]
     tl.store(out_ptr + rm[None, :] * N + rn[:, None], acc.to(out_ptr.dtype.element_ty),
              mask=(rm < M)[None, :] & (rn < N)[:, None])
-
-
-def int4_swap_biased(x: torch.Tensor, rows: tuple, config: dict) -> torch.Tensor:
-    codes, scales = rows[0], rows[1]
-    m, k = x.shape
-    n, blocks = scales.shape
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    bias = {torch.bfloat16: 128.0, torch.float16: 1024.0}.get(x.dtype, 0.0)
-    grid = (triton.cdiv(m, config["BLOCK_M"]) * triton.cdiv(n, config["BLOCK_N"]),)
-    _int4_swap_biased_kernel[grid](x, codes, scales, out, m, n, k, blocks, bias, GROUP=k // blocks, **config)
-    return out
 
 
 SWAP = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_stages=st)
@@ -218,7 +212,7 @@ CEILING = [dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=w, num_
 
 EXTRA = [("Triton bf16 GEMM (ceiling)", CEILING, lambda x, s, c: bf16_gemm(x, s["w_t"], c)),
          ("int4 swapped operands", SWAP, lambda x, s, c: int4_swap(x, s["rows"], c)),
-         ("int4 swapped, biased codes", SWAP, lambda x, s, c: int4_swap_biased(x, s["rows"], c))]
+         ("int4 swapped, biased codes", SWAP, lambda x, s, c: int4_swap(x, s["rows"], c, biased=True))]
 
 
 def plans(per_plan: int) -> dict:
