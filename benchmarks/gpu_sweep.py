@@ -285,6 +285,8 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
     bits, rows, shapes, candidates, call = plans(per_plan)[name]
     for n, k in shapes:
         sets = operands(n, k, bits, max(2, -(-ROTATE_BYTES // (n * k * 2))))
+        n_words, blocks = sets[0]["words"][0].shape[0], sets[0]["words"][1].shape[0]
+        group = n_words * (32 // bits) // blocks  # as the kernels compute it
         for m in rows:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             base = graph_us([lambda s=s: F.linear(x, s["bf16"]) for s in sets])
@@ -298,7 +300,7 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
                 line += f"; torch int4 {tiny:.2f} µs ({base / tiny:.2f}x)"
             results = []
             for c in candidates:
-                if "TILE_W" in c and not tuning.split_ok(sets[0]["words"][0].shape[0], c["TILE_W"], c["SPLIT_K"]):
+                if "TILE_W" in c and not tuning.split_ok(n_words, c["TILE_W"], c["SPLIT_K"]):
                     continue  # the kernels' pruning would refuse it (too many splits for 16-bit adds)
                 try:
                     results.append((graph_us([lambda s=s, c=c: call(x, s, c, k) for s in sets]), c))
@@ -321,7 +323,7 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
             if own and own[0][0] < 0.98 * today:
                 winners.setdefault(KERNEL_OF_PLAN[name], []).append(own[0][1])
             if own and name != "prefill":  # prefill rows go to dequantize + cuBLAS, not to these kernels
-                key = pins.pin_key(n, k, tuning.rows_key(m), bits, 128 if bits == 4 else k, True, x.dtype)
+                key = pins.pin_key(n, k, tuning.rows_key(m), bits, group, True, x.dtype)
                 winners.setdefault("pinned", {}).setdefault(KERNEL_OF_PLAN[name], {})[key] = own[0][1]
             log(line + f"; {len(results)} candidates timed")
             for us, c in results[:6]:

@@ -11,6 +11,7 @@ autotuned. Pins live in ``tuned.json`` under ``"pinned"``, by device name, kerne
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 
@@ -54,17 +55,16 @@ def with_pins(tuned: dict, kernel: str, device_name: str, pins: dict[str, dict])
 
 
 @cache
-def _device_name(index: int) -> str:
+def _pinned_on_device(kernel: str, index: int, key: str) -> dict | None:
     import torch
 
-    return torch.cuda.get_device_name(index)
+    return pinned_config(kernel, torch.cuda.get_device_name(index), key)
 
 
 def pinned_on(kernel: str, device, key: str) -> dict | None:
-    """:func:`pinned_config` for a tensor's ``device``: None off CUDA and under ``PRESSO_PINS=0``
-    (to time the autotuners' own choice)."""
-    import os
-
+    """:func:`pinned_config` for a tensor's ``device`` (looked up once per kernel, device and key;
+    the caller must not change it): None off CUDA and under ``PRESSO_PINS=0`` (to time the
+    autotuners' own choice)."""
     if device.type != "cuda" or os.environ.get("PRESSO_PINS", "1") == "0":
         return None
-    return pinned_config(kernel, _device_name(device.index), key)
+    return _pinned_on_device(kernel, device.index, key)
