@@ -5,12 +5,15 @@
 #   kernels  the kernel table with the pinned configurations, as shipped;
 #   autotune the kernel table with pins off (PRESSO_PINS=0): the autotuners' own choice;
 #   decode   8B- and SmolLM2-shaped decoders;
-#   sweep    a configuration sweep that writes its winners and pins into runtime/triton/tuned.json.
+#   sweep    a configuration sweep (plans $SWEEP_PLANS, $PER_PLAN candidates each) that writes its
+#            winners and pins into runtime/triton/tuned.json, which the steps after it then use.
 # Usage: benchmarks/gpu_round.sh [STEP...] (default: tests kernels decode); files land in $OUT.
 set -u
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-gpu-out}
 LIMIT=${LIMIT:-200}  # seconds a step
+SWEEP_PLANS=${SWEEP_PLANS:-gemv,gemm,int8,decode,decode16}
+PER_PLAN=${PER_PLAN:-100}
 mkdir -p "$OUT"
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || echo "pip install failed"
 nvidia-smi --query-gpu=name --format=csv,noheader
@@ -24,7 +27,7 @@ step() {
                       --out "$OUT/kernels-autotuned.md" > "$OUT/kernels-autotuned.log" 2>&1 ;;
         decode) timeout "$LIMIT" python3 -m benchmarks.gpu --part decode --models 8b,smollm2 \
                     --out "$OUT/decode.md" > "$OUT/decode.log" 2>&1 ;;
-        sweep) timeout "$LIMIT" python3 -m benchmarks.gpu_sweep --per-plan 100 --write runtime/triton/tuned.json \
+        sweep) timeout "$LIMIT" python3 -m benchmarks.gpu_sweep --plans "$SWEEP_PLANS" --per-plan "$PER_PLAN" --write runtime/triton/tuned.json \
                    --out "$OUT/sweep.txt" > "$OUT/sweep.log" 2>&1
                local rc=$?; cp runtime/triton/tuned.json "$OUT/"; return $rc ;;
         *) echo "unknown step $1 (tests, kernels, autotune, decode, sweep)"; return 2 ;;

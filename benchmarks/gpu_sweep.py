@@ -1,15 +1,17 @@
 """Wide configuration sweeps of the word-layout kernels, to choose their autotune lists from.
 
-    python3 -m benchmarks.gpu_sweep [--plans gemv,gemm,int8,prefill] [--jobs 14] [--per-plan 120] [--out FILE]
-                                    [--write runtime/triton/tuned.json]
+    python3 -m benchmarks.gpu_sweep [--plans gemv,gemm,int8,decode,decode16,prefill] [--jobs 14]
+                                    [--per-plan 120] [--out FILE] [--write runtime/triton/tuned.json]
 
 Each plan draws up to ``--per-plan`` candidate configurations (a fixed-seed sample of a grid,
 plus every configuration the kernel's autotuner already holds). Candidates are compiled first
 by ``--jobs`` processes, which fill Triton's disk cache, then timed one after another in this
 process the way the kernel table times (``benchmarks.gpu.graph_us``: one CUDA graph over
 weight copies that overflow L2). Per shape and batch it prints cuBLAS bf16, today's autotuned
-dispatch, torch's int4 kernel at one row, and the fastest candidates. ``prefill`` adds a plain
-Triton bf16 GEMM (tiles loaded and multiplied, nothing dequantized): the ceiling of any fused
+dispatch, torch's int4 kernel at one row, and the fastest candidates. ``decode`` and ``decode16``
+time the decoders' other shapes (Llama-3-8B's packed q/k/v and gate/up, down and head; SmolLM2's
+o and head) at one and 16 rows, so that the decode benchmark runs pinned configurations
+throughout. ``prefill`` adds a plain Triton bf16 GEMM (tiles loaded and multiplied, nothing dequantized): the ceiling of any fused
 Triton kernel at those sizes. ``--write`` adds each shape's fastest candidate, where it beats
 today's dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``),
 and pins every swept shape's fastest for this device (``pins``: the kernels launch it there
@@ -34,6 +36,9 @@ from benchmarks.gpu import ROTATE_BYTES, graph_us, int4_operands, int8_operands,
 
 LARGE = [(4096, 4096), (11008, 4096), (4096, 11008), (14336, 4096)]
 SMOL = [(1536, 576), (576, 1536), (3072, 576), (960, 576)]  # SmolLM2: up, down, packed gate/up, packed q/k/v
+# the decoders' other shapes: Llama-3-8B packed q/k/v, packed gate/up, down, head; SmolLM2 o and head
+DECODE_8B = [(6144, 4096), (28672, 4096), (4096, 14336), (128256, 4096)]
+DECODE = DECODE_8B + [(576, 576), (49152, 576)]
 
 
 @triton.jit
@@ -226,6 +231,10 @@ def plans(per_plan: int) -> dict:
                  lambda x, s, c, k: gemm_words.gemm_words(x, *s["words"], k, 4, config=c)),
         "int8": (8, (64,), LARGE, gemm_candidates(per_plan, (16, 32, 64), 8),
                  lambda x, s, c, k: gemm_words.gemm_words(x, *s["words"], k, 8, config=c)),
+        "decode": (4, (1,), DECODE, gemv_candidates(per_plan),
+                   lambda x, s, c, k: gemv_words.gemv_words(x, *s["words"], k, 4, config=c)),
+        "decode16": (4, (16,), DECODE_8B, gemm_candidates(per_plan, (16,), 4),
+                     lambda x, s, c, k: gemm_words.gemm_words(x, *s["words"], k, 4, config=c)),
         "prefill": (4, (512, 2048), [(4096, 4096), (14336, 4096)], prefill_candidates(min(per_plan, 40)),
                     lambda x, s, c, k: gemm_words.gemm_words(x, *s["words"], k, 4, config=c)),
     }
@@ -276,7 +285,8 @@ def _compile(job: tuple) -> int:
     return failed
 
 
-KERNEL_OF_PLAN = {"gemv": "gemv_words", "gemm": "gemm_words", "int8": "gemm_words", "prefill": "gemm_words"}
+KERNEL_OF_PLAN = {"gemv": "gemv_words", "gemm": "gemm_words", "int8": "gemm_words", "prefill": "gemm_words",
+                  "decode": "gemv_words", "decode16": "gemm_words"}
 
 
 def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
@@ -338,7 +348,7 @@ def time_plan(name: str, per_plan: int, log, winners: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--plans", default="gemv,gemm,int8,prefill")
+    parser.add_argument("--plans", default="gemv,gemm,int8,decode,decode16,prefill")
     parser.add_argument("--per-plan", type=int, default=120)
     parser.add_argument("--jobs", type=int, default=14)
     parser.add_argument("--out", type=Path)
