@@ -12,8 +12,8 @@ dispatch, torch's int4 kernel at one row, and the fastest candidates. ``decode``
 time the decoders' other shapes (Llama-3-8B's packed q/k/v and gate/up, down and head; SmolLM2's
 o and head) at one and 16 rows, so that the decode benchmark runs pinned configurations
 throughout. ``prefill`` adds a plain Triton bf16 GEMM (tiles loaded and multiplied, nothing
-dequantized): the ceiling of any fused Triton kernel at those sizes. ``--write`` adds each shape's fastest candidate, where it beats
-today's dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``),
+dequantized): the ceiling of any fused Triton kernel at those sizes. ``--write`` adds each
+shape's fastest candidate, where it beats today's dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``),
 and pins every swept shape's fastest for this device (``pins``: the kernels launch it there
 without autotuning). Candidates the kernels' pruning rules would refuse are not timed.
 """
