@@ -3,19 +3,19 @@
     python3 -m benchmarks.gpu_sweep [--plans gemv,gemm,int8,decode,decode16,prefill] [--jobs 14]
                                     [--per-plan 120] [--out FILE] [--write runtime/triton/tuned.json]
 
-Each plan draws up to ``--per-plan`` candidate configurations (a fixed-seed sample of a grid,
-plus every configuration the kernel's autotuner already holds). Candidates are compiled first
-by ``--jobs`` processes, which fill Triton's disk cache, then timed one after another in this
-process the way the kernel table times (``benchmarks.gpu.graph_us``: one CUDA graph over
-weight copies that overflow L2). Per shape and batch it prints cuBLAS bf16, today's autotuned
-dispatch, torch's int4 kernel at one row, and the fastest candidates. ``decode`` and ``decode16``
-time the decoders' other shapes (Llama-3-8B's packed q/k/v and gate/up, down and head; SmolLM2's
-o and head) at one and 16 rows, so that the decode benchmark runs pinned configurations
-throughout. ``prefill`` adds a plain Triton bf16 GEMM (tiles loaded and multiplied, nothing
-dequantized): the ceiling of any fused Triton kernel at those sizes. ``--write`` adds each
-shape's fastest candidate, where it beats today's dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``),
-and pins every swept shape's fastest for this device (``pins``: the kernels launch it there
-without autotuning). Candidates the kernels' pruning rules would refuse are not timed.
+Each plan draws up to ``--per-plan`` candidate configurations (a fixed-seed sample of a grid, plus
+every configuration the kernel's autotuner already holds). Candidates are compiled first by
+``--jobs`` processes, which fill Triton's disk cache, then timed one after another in this process
+the way the kernel table times (``benchmarks.gpu.graph_us``: one CUDA graph over weight copies that
+overflow L2). Per shape and batch it prints cuBLAS bf16, today's autotuned dispatch, torch's int4
+kernel at one row, and the fastest candidates. ``decode`` and ``decode16`` time the decoders' other
+shapes (Llama-3-8B's packed q/k/v and gate/up, down and head; SmolLM2's o and head) at one and 16
+rows, so that the decode benchmark runs pinned configurations throughout. ``prefill`` adds a plain
+Triton bf16 GEMM (tiles loaded and multiplied, nothing dequantized): the ceiling of any fused Triton
+kernel at those sizes. ``--write`` adds each shape's fastest candidate, where it beats today's
+dispatch by over 2%, to the file the kernels' autotune lists read (``tuning.tuned_configs``), and
+pins every swept shape's fastest for this device (``pins``: the kernels launch it there without
+autotuning). Candidates the kernels' pruning rules would refuse are not timed.
 """
 from __future__ import annotations
 
