@@ -16,8 +16,10 @@ SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, 
 
 
 class Block(nn.Module):
-    """``packed``: q/k/v as one linear and gate/up as another (one launch each, outputs split); int4
-    down projections then gate their input as they load it (``gated_down``)."""
+    """``packed``: q/k/v as one linear and gate/up as another (one launch each, outputs split); the
+    quantized down projections then gate their input as they load or quantize it (``gated_down``),
+    and W8A8 q/k/v and gate/up take the RMS norm before them into the launch that quantizes their
+    input (``fused_norms``)."""
 
     def __init__(self, hidden, intermediate, heads, kv_heads, max_len, batch=1, packed=True):
         super().__init__()
@@ -30,7 +32,7 @@ class Block(nn.Module):
             self.q, self.k, self.v = (nn.Linear(hidden, w, bias=False) for w in widths)
             self.gate = nn.Linear(hidden, intermediate, bias=False)
             self.up = nn.Linear(hidden, intermediate, bias=False)
-        self.widths, self.gated_down = widths, False
+        self.widths, self.gated_down, self.fused_norms = widths, False, False
         self.o = nn.Linear(hidden, hidden, bias=False)
         self.down = nn.Linear(intermediate, hidden, bias=False)
         self.norm1, self.norm2 = nn.RMSNorm(hidden), nn.RMSNorm(hidden)
@@ -39,8 +41,11 @@ class Block(nn.Module):
 
     def forward(self, h, pos, mask, cos, sin):
         b = h.shape[0]
-        x = self.norm1(h)
-        q, k, v = self.qkv(x).split(self.widths, -1) if self.packed else (self.q(x), self.k(x), self.v(x))
+        if self.fused_norms:  # presso's W8A8 q/k/v normalizes as it quantizes
+            q, k, v = self.qkv(h, norm=self.norm1).split(self.widths, -1)
+        else:
+            x = self.norm1(h)
+            q, k, v = self.qkv(x).split(self.widths, -1) if self.packed else (self.q(x), self.k(x), self.v(x))
         q = q.view(b, 1, self.heads, self.hd).transpose(1, 2)
         k = k.view(b, 1, self.kv_heads, self.hd).transpose(1, 2)
         v = v.view(b, 1, self.kv_heads, self.hd).transpose(1, 2)
@@ -50,9 +55,10 @@ class Block(nn.Module):
         a = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask,
                                            enable_gqa=self.kv_heads != self.heads)
         h = h + self.o(a.transpose(1, 2).reshape(b, 1, -1))
+        if self.gated_down:  # presso's down projections gate [gate | up] as they load or quantize it
+            both = self.gate_up(h, norm=self.norm2) if self.fused_norms else self.gate_up(self.norm2(h))
+            return h + self.down(both, gated=True)
         x = self.norm2(h)
-        if self.gated_down:  # presso's int4/int8 down projection gates [gate | up] as it loads it
-            return h + self.down(self.gate_up(x), gated=True)
         gate, up = self.gate_up(x).chunk(2, -1) if self.packed else (self.gate(x), self.up(x))
         return h + self.down(F.silu(gate) * up)
 
@@ -103,7 +109,8 @@ def quantized(decoder: Decoder, kind: str) -> Decoder:
             decoder.set_submodule(path, new)
     to_triton(decoder)
     for block in decoder.blocks:
-        block.gated_down = block.packed and kind == "int4"
+        block.gated_down = block.packed
+        block.fused_norms = block.packed and kind == "w8a8"
     return decoder.cuda()
 
 

@@ -50,7 +50,7 @@ def why_not(model: nn.Module) -> str | None:
         if attn is None or not all(hasattr(attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             return f"layer {i} has no q/k/v/o projections"
         for part in (layer, attn, layer.input_layernorm, layer.post_attention_layernorm):
-            if not _as_shipped(part, family):
+            if not as_shipped(part, family):
                 return f"layer {i}'s {type(part).__name__} runs a forward of its own"
         if any(hasattr(attn, n) for n in ("q_norm", "k_norm")):
             return f"layer {i} normalizes q and k"
@@ -64,7 +64,7 @@ def why_not(model: nn.Module) -> str | None:
     return None
 
 
-def _as_shipped(module: nn.Module, family: str) -> bool:
+def as_shipped(module: nn.Module, family: str) -> bool:
     """The module's forward is the one transformers ships for the family (a pass that rewrote
     it, head sharing say, computes something the fused forward does not)."""
     return type(module).forward.__module__ == f"transformers.models.{family}.modeling_{family}"
@@ -73,7 +73,7 @@ def _as_shipped(module: nn.Module, family: str) -> bool:
 def ships_gated_mlp(mlp: nn.Module) -> bool:
     """``mlp`` is the gated MLP transformers ships for a fused family: ``down(silu(gate(x)) * up(x))``."""
     config = getattr(mlp, "config", None)
-    return (any(_as_shipped(mlp, family) for family in FAMILIES) and getattr(config, "hidden_act", None) == "silu"
+    return (any(as_shipped(mlp, family) for family in FAMILIES) and getattr(config, "hidden_act", None) == "silu"
             and all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj")))
 
 

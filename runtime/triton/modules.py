@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from presso.graph import replace_module
-from presso.runtime.fused.llama import ships_gated_mlp
+from presso.runtime.fused.llama import FAMILIES, as_shipped, ships_gated_mlp
 from presso.runtime.fused.packing import pack_linears
 from presso.runtime.int8 import DynamicInt8Linear
 from presso.runtime.nbits import WeightOnlyLinear
-from presso.runtime.triton import ops, tuning, weight_only
+from presso.runtime.triton import ops, weight_only
 from presso.runtime.triton.gemv_words import prepare_words
 
 
@@ -73,27 +73,41 @@ class TritonW8A8Linear(nn.Module):
         self.register_buffer("bias", source.bias.clone() if source.has_bias else None)
         self._casts = _CastCache()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.w8a8_linear(x, self.weight, self.weight_scale, self._casts.cast("bias", self.bias, x.dtype))
+    def forward(self, x: torch.Tensor, gated: bool = False, norm: nn.Module | None = None) -> torch.Tensor:
+        """``gated``: ``x`` is ``[gate | up]`` and the input is ``silu(gate) * up``; ``norm``: an RMS
+        norm applied to ``x`` first. Either runs in the launch that quantizes the activations."""
+        norm_weight, eps = rms_norm_parts(norm, x.dtype) if norm is not None else (None, 1e-6)
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, self._casts.cast("bias", self.bias, x.dtype),
+                               gated, norm_weight, eps)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, W8A8 per-token (Triton)"
 
 
+def rms_norm_parts(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """The scale vector and epsilon of an RMS norm: ``nn.RMSNorm`` (epsilon None: the dtype's) or a
+    transformers one (``variance_epsilon``)."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
+    if weight is None:
+        raise TypeError(f"{type(norm).__name__} has no scale vector: only RMS norms with a weight fuse "
+                        "into the W8A8 quantization")
+    return weight, torch.finfo(dtype).eps if eps is None else float(eps)
+
+
 class TritonGatedMLP(nn.Module):
     """``down(silu(gate(x)) * up(x))`` in two launches where it took five: gate and up packed into
-    one linear (one read of ``x``), and the int4/int8 down projection gates its input as it loads
-    it (no gated tensor is written); a W8A8 down projection gets it gated by torch."""
+    one linear (one read of ``x``), and the down projection gates its input as it loads it (int4
+    and int8 weight-only) or as it quantizes it (W8A8): no gated tensor is written."""
 
     def __init__(self, gate_up: nn.Module, down: nn.Module):
         super().__init__()
         self.gate_up, self.down = gate_up, down
+        self.norm: nn.Module | None = None  # the layer's RMS norm, where a W8A8 gate/up takes it in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        both = self.gate_up(x)
-        if isinstance(self.down, TritonWeightOnlyLinear):
-            return self.down(both, gated=True)
-        return self.down(tuning.silu_gate(both))
+        both = self.gate_up(x) if self.norm is None else self.gate_up(x, norm=self.norm)
+        return self.down(both, gated=True)
 
 
 def _triton_linear(module: nn.Module) -> nn.Module | None:
@@ -114,6 +128,19 @@ def _gated_mlp(mlp: nn.Module) -> TritonGatedMLP | None:
     return None if gate_up is None or down is None else TritonGatedMLP(gate_up, down)
 
 
+def _fold_mlp_norm(layer: nn.Module) -> bool:
+    """A W8A8 gated MLP takes its layer's post-attention RMS norm into the launch that quantizes
+    its input (one launch fewer a layer), where the layer and the norm run the forward
+    transformers ships for a fused family: then the norm's output feeds the MLP alone."""
+    mlp, norm = getattr(layer, "mlp", None), getattr(layer, "post_attention_layernorm", None)
+    if not (isinstance(mlp, TritonGatedMLP) and isinstance(mlp.gate_up, TritonW8A8Linear) and mlp.norm is None):
+        return False
+    if not any(as_shipped(layer, family) and as_shipped(norm, family) for family in FAMILIES):
+        return False
+    mlp.norm, layer.post_attention_layernorm = norm, nn.Identity()
+    return True
+
+
 def to_triton(root: nn.Module) -> dict[str, str]:
     """Swap every quantized linear that has a Triton kernel, in place (a gated MLP whose linears all
     have one as a whole: :class:`TritonGatedMLP`); what was swapped, by path."""
@@ -125,4 +152,7 @@ def to_triton(root: nn.Module) -> dict[str, str]:
         if new is not None:
             replace_module(root, path, new)
             swapped[path] = type(new).__name__
+    for path, module in list(root.named_modules()):
+        if _fold_mlp_norm(module):
+            swapped[f"{path}.post_attention_layernorm"] = "folded into TritonGatedMLP"
     return swapped

@@ -26,11 +26,11 @@ def _(x, codes, scales, zeros, k, bits, bias, words, scales_t, zeros_t, gated=Fa
 
 
 @torch.library.custom_op("presso::w8a8_linear", mutates_args=())
-def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    return w8a8.w8a8_matmul(x, weight, weight_scale, bias)
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                gated: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+    return w8a8.w8a8_matmul(x, weight, weight_scale, bias, gated=gated, norm_weight=norm_weight, eps=eps)
 
 
 @w8a8_linear.register_fake
-def _(x, weight, weight_scale, bias):
+def _(x, weight, weight_scale, bias, gated=False, norm_weight=None, eps=1e-6):
     return x.new_empty(*x.shape[:-1], weight.shape[0])

@@ -16,12 +16,24 @@ from presso.runtime.triton import tuning
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, norm_ptr, K, stride_x, eps, BLOCK: tl.constexpr,
+                          NORM: tl.constexpr, GATED: tl.constexpr):
+    """One row a program. The producer's work comes first, in the same launch: with GATED the row
+    is ``[gate | up]`` and the input is ``silu(gate) * up``; with NORM it is RMS-normalized and
+    scaled by ``norm_ptr`` (float32 math, one rounding to the activations' dtype, as torch's
+    ``rms_norm``); either result is rounded to that dtype before quantizing, as the separate
+    kernels would store it."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
-    x = tl.load(x_ptr + row * stride_x + offs, mask=offs < K, other=0.0).to(tl.float32)
-    scale = _row_scale(tl.max(tl.abs(x), axis=0))
-    tl.store(q_ptr + row * K + offs, _round_codes(x, scale).to(tl.int8), mask=offs < K)
+    mask = offs < K
+    x = tuning.load_x(x_ptr, row * stride_x, offs, mask, K, GATED)
+    xf = x.to(tl.float32)
+    if NORM:
+        inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
+        weight = tl.load(norm_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        xf = (xf * inv_rms * weight).to(x.dtype).to(tl.float32)
+    scale = _row_scale(tl.max(tl.abs(xf), axis=0))
+    tl.store(q_ptr + row * K + offs, _round_codes(xf, scale).to(tl.int8), mask=mask)
     tl.store(s_ptr + row, scale)
 
 
@@ -37,13 +49,22 @@ def _round_codes(x, scale):
     return tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8 codes and float32 scales of a 2-D ``x``."""
-    m, k = x.shape
+def quantize_rows(x: torch.Tensor, gated: bool = False, norm_weight: torch.Tensor | None = None,
+                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 codes and float32 scales of a 2-D ``x``, in one launch with the
+    producer's work: ``gated``, ``x`` is ``[gate | up]`` and ``silu(gate) * up`` is quantized;
+    ``norm_weight``, ``rms_norm(x, norm_weight, eps)`` is (gated and normalized do not combine)."""
+    if gated and norm_weight is not None:
+        raise ValueError("quantize_rows: gated and norm_weight do not combine (no layer gates then normalizes)")
+    m, k = x.shape[0], x.shape[1] // (1 + gated)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
     q = torch.empty(m, k, device=x.device, dtype=torch.int8)
     s = torch.empty(m, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
-    _quantize_rows_kernel[(m,)](x, q, s, k, x.stride(0), BLOCK=block, num_warps=min(16, max(1, block // 512)))
+    norm = norm_weight.contiguous() if norm_weight is not None else s
+    _quantize_rows_kernel[(m,)](x, q, s, norm, k, x.stride(0), float(eps), BLOCK=block, NORM=norm_weight is not None,
+                                GATED=gated, num_warps=min(16, max(1, block // 512)))
     return q, s
 
 
@@ -169,14 +190,14 @@ def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 
 def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                bias: torch.Tensor | None = None, config: dict | None = None, gated: bool = False,
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
     """``x (..., K)`` times the int8 ``weight (N, K)`` (K contiguous, as Hopper's 8-bit tensor cores
-    read it) with per-channel ``weight_scale (N,)``."""
+    read it) with per-channel ``weight_scale (N,)``. ``gated`` (``x`` is ``[gate | up]``, 2K wide)
+    and ``norm_weight`` (``x`` is RMS-normalized first) run in the quantization's launch:
+    :func:`quantize_rows`."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    q, sx = quantize_rows(x2)
+    q, sx = quantize_rows(x.reshape(-1, (1 + gated) * k), gated, norm_weight, eps)
     m = q.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
@@ -189,5 +210,5 @@ def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         out.zero_()
     kernel = _w8a8_kernel if config is None else _w8a8_kernel.fn  # .fn: the kernel without autotuning
     kernel[grid](q, sx, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
-                       out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
+                 out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
     return out.reshape(*x.shape[:-1], n)

@@ -43,6 +43,10 @@ def test_gated_mlps_run_as_two_launches(pass_name, options):
                               backend="triton")
     mlps = [path for path, kind in compiled._run.swapped.items() if kind == "TritonGatedMLP"]
     assert mlps == [f"model.layers.{i}.mlp" for i in range(model.config.num_hidden_layers)]
+    folded = [path for path, kind in compiled._run.swapped.items() if kind == "folded into TritonGatedMLP"]
+    # a W8A8 gate/up normalizes as it quantizes: the layer's post-attention norm is its input's
+    assert folded == ([f"{path[:-4]}.post_attention_layernorm" for path in mlps] if pass_name == "quantize_dynamic_int8"
+                      else [])
     assert compiled.report["backend_rel_error"] < 2e-2
     with torch.no_grad():
         got = compiled(example)

@@ -263,6 +263,35 @@ def test_w8a8_matches_reference(n, k):
         assert torch.allclose(fused, w8a8.w8a8_matmul(x.float(), weight, scale, bias), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("k", [576, 1000])
+def test_w8a8_quantization_takes_in_the_producer(k):
+    """SiLU gating and RMS norm in the launch that quantizes: in float32 the codes of the separate
+    steps (a code may move by one where silu rounds differently), in bf16 within the bound
+    against float64."""
+    import torch.nn.functional as F
+
+    from presso.runtime.triton import tuning
+
+    linear = DynamicInt8Linear.from_weight(torch.randn(300, k), None)
+    weight, scale = linear.weight_t.t().contiguous().cuda(), linear.weight_scale.cuda()
+    norm_weight = torch.rand(k, device="cuda") + 0.5
+    both, x = torch.randn(7, 2 * k, device="cuda"), torch.randn(7, k, device="cuda") * 3
+    for (q, s), (q_ref, s_ref) in [(w8a8.quantize_rows(both, gated=True), w8a8.quantize_rows(tuning.silu_gate(both))),
+                                   (w8a8.quantize_rows(x, norm_weight=norm_weight, eps=1e-5),
+                                    w8a8.quantize_rows(F.rms_norm(x, (k,), norm_weight, 1e-5)))]:
+        assert (q.int() - q_ref.int()).abs().max() <= 1 and (q != q_ref).float().mean() < 1e-3
+        assert torch.allclose(s, s_ref, rtol=1e-5)
+    for m in (1, 16):
+        both16, x16, w16 = both[:m].bfloat16(), x[:m].bfloat16(), norm_weight.bfloat16()
+        gate, up = both16.double().chunk(2, -1)
+        ref = w8a8_reference(F.silu(gate) * up, weight, scale)
+        assert rel(w8a8.w8a8_matmul(both16, weight, scale, gated=True), ref) < TOLERANCE, m
+        ref = w8a8_reference(F.rms_norm(x16.double(), (k,), w16.double(), 1e-5), weight, scale)
+        assert rel(w8a8.w8a8_matmul(x16, weight, scale, norm_weight=w16, eps=1e-5), ref) < TOLERANCE, m
+    with pytest.raises(ValueError, match="do not combine"):
+        w8a8.quantize_rows(both, gated=True, norm_weight=norm_weight)
+
+
 def test_per_token_quantization_rounds_like_the_reference():
     x = torch.randn(9, 1000, device="cuda") * torch.logspace(-3, 3, 9, device="cuda")[:, None]
     q, s = w8a8.quantize_rows(x)
