@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call's worth of Triton measurements, each step under its own time limit so that a
 # slow one cannot take the others' time (a fresh machine compiles every kernel cold):
-#   tests    the GPU tests (8 processes);
+#   tests    the GPU tests (8 processes; those matching $TESTS, a pytest -k expression, if set);
 #   kernels  the kernel table with the pinned configurations, as shipped;
 #   autotune the kernel table with pins off (PRESSO_PINS=0): the autotuners' own choice;
 #   decode   8B- and SmolLM2-shaped decoders;
@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 
 step() {
     case $1 in
-        tests) timeout "$LIMIT" python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider > "$OUT/tests.log" 2>&1 ;;
+        tests) timeout "$LIMIT" python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider ${TESTS:+-k "$TESTS"} \
+                   > "$OUT/tests.log" 2>&1 ;;
         kernels) timeout "$LIMIT" python3 -m benchmarks.gpu --part kernels --out "$OUT/kernels.md" \
                      > "$OUT/kernels.log" 2>&1 ;;
         autotune) PRESSO_PINS=0 timeout "$LIMIT" python3 -m benchmarks.gpu --part kernels \
