@@ -17,9 +17,12 @@ SMOLLM2 = dict(hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, 
 
 class Block(nn.Module):
     """``packed``: q/k/v as one linear and gate/up as another (one launch each, outputs split); the
-    quantized down projections then gate their input as they load or quantize it (``gated_down``),
-    and W8A8 q/k/v and gate/up take the RMS norm before them into the launch that quantizes their
-    input (``fused_norms``)."""
+    quantized down projections then gate their input as they load or quantize it (``gated_down``).
+    With ``fused_norms`` (presso's kernels) the residual add and the RMS norm before q/k/v and
+    before gate/up run in those linears' launches, which return the sum as the next residual.
+
+    The residual stream is ``h + delta``: a block takes the previous block's down projection as
+    ``delta`` (None in the first) and returns its own, so that the add can join the next norm."""
 
     def __init__(self, hidden, intermediate, heads, kv_heads, max_len, batch=1, packed=True):
         super().__init__()
@@ -39,13 +42,30 @@ class Block(nn.Module):
         self.register_buffer("keys", torch.zeros(batch, kv_heads, max_len, self.hd))
         self.register_buffer("values", torch.zeros(batch, kv_heads, max_len, self.hd))
 
-    def forward(self, h, pos, mask, cos, sin):
+    def _qkv(self, h, delta):
+        if self.fused_norms:
+            if delta is None:
+                return self.qkv(h, norm=self.norm1), h
+            return self.qkv(delta, norm=self.norm1, residual=h)
+        h = h if delta is None else h + delta
+        x = self.norm1(h)
+        return (self.qkv(x) if self.packed else torch.cat([self.q(x), self.k(x), self.v(x)], -1)), h
+
+    def _mlp(self, h, o):
+        if self.fused_norms:
+            both, h = self.gate_up(o, norm=self.norm2, residual=h)
+            return h, self.down(both, gated=True)
+        h = h + o
+        x = self.norm2(h)
+        if self.gated_down:  # presso's down projections gate [gate | up] as they load or quantize it
+            return h, self.down(self.gate_up(x), gated=True)
+        gate, up = self.gate_up(x).chunk(2, -1) if self.packed else (self.gate(x), self.up(x))
+        return h, self.down(F.silu(gate) * up)
+
+    def forward(self, h, pos, mask, cos, sin, delta=None):
         b = h.shape[0]
-        if self.fused_norms:  # presso's W8A8 q/k/v normalizes as it quantizes
-            q, k, v = self.qkv(h, norm=self.norm1).split(self.widths, -1)
-        else:
-            x = self.norm1(h)
-            q, k, v = self.qkv(x).split(self.widths, -1) if self.packed else (self.q(x), self.k(x), self.v(x))
+        qkv, h = self._qkv(h, delta)
+        q, k, v = qkv.split(self.widths, -1)
         q = q.view(b, 1, self.heads, self.hd).transpose(1, 2)
         k = k.view(b, 1, self.kv_heads, self.hd).transpose(1, 2)
         v = v.view(b, 1, self.kv_heads, self.hd).transpose(1, 2)
@@ -54,13 +74,7 @@ class Block(nn.Module):
         self.values.index_copy_(2, pos, v)
         a = F.scaled_dot_product_attention(q, self.keys, self.values, attn_mask=mask,
                                            enable_gqa=self.kv_heads != self.heads)
-        h = h + self.o(a.transpose(1, 2).reshape(b, 1, -1))
-        if self.gated_down:  # presso's down projections gate [gate | up] as they load or quantize it
-            both = self.gate_up(h, norm=self.norm2) if self.fused_norms else self.gate_up(self.norm2(h))
-            return h + self.down(both, gated=True)
-        x = self.norm2(h)
-        gate, up = self.gate_up(x).chunk(2, -1) if self.packed else (self.gate(x), self.up(x))
-        return h + self.down(F.silu(gate) * up)
+        return self._mlp(h, self.o(a.transpose(1, 2).reshape(b, 1, -1)))
 
 
 def rotate(t, cos, sin):
@@ -78,6 +92,7 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(hidden, intermediate, heads, kv_heads, max_len, batch, packed)
                                     for _ in range(layers))
         self.norm, self.lm_head = nn.RMSNorm(hidden), nn.Linear(hidden, vocab, bias=False)
+        self.fused_head = False
         hd = hidden // heads
         inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
         angles = torch.outer(torch.arange(max_len).float(), inv).repeat(1, 2)
@@ -88,14 +103,18 @@ class Decoder(nn.Module):
     def forward(self, token, pos):
         mask = (self.positions <= pos)[None, None, None, :]
         cos, sin = self.cos[pos].to(self.embed.weight.dtype), self.sin[pos].to(self.embed.weight.dtype)
-        h = self.embed(token).view(token.shape[0], 1, -1)
+        h, delta = self.embed(token).view(token.shape[0], 1, -1), None
         for block in self.blocks:
-            h = block(h, pos, mask, cos, sin)
-        return self.lm_head(self.norm(h))
+            h, delta = block(h, pos, mask, cos, sin, delta)
+        if self.fused_head:  # the last add and the final norm in the head's launches
+            return self.lm_head(delta, norm=self.norm, residual=h)[0]
+        return self.lm_head(self.norm(h + delta))
 
 
-def quantized(decoder: Decoder, kind: str) -> Decoder:
-    """Every linear replaced the way presso's passes and the Triton backend would."""
+def quantized(decoder: Decoder, kind: str, batch: int = 1) -> Decoder:
+    """Every linear replaced the way presso's passes and the Triton backend would; the norms move
+    into the linears where their kernels take them in: W8A8 at any batch, int4 at batch 1
+    (above, the int4 kernels would run them in torch: a launch more than inductor's fused norm)."""
     from presso.runtime.int8 import DynamicInt8Linear
     from presso.runtime.nbits import WeightOnlyLinear
     from presso.runtime.quant import WeightFormat
@@ -108,9 +127,11 @@ def quantized(decoder: Decoder, kind: str) -> Decoder:
                    else DynamicInt8Linear.from_weight(w, None, per_token=True))
             decoder.set_submodule(path, new)
     to_triton(decoder)
+    fused = kind == "w8a8" or batch == 1
     for block in decoder.blocks:
         block.gated_down = block.packed
-        block.fused_norms = block.packed and kind == "w8a8"
+        block.fused_norms = block.packed and fused
+    decoder.fused_head = fused
     return decoder.cuda()
 
 
@@ -170,7 +191,7 @@ def build(shape: dict, context: int, batch: int, packed: bool, kind: str) -> Dec
         torch.set_default_dtype(default)
     for p in decoder.parameters():
         p.data.normal_(0, 0.02)
-    return decoder if kind == "bf16" else quantized(decoder, kind)
+    return decoder if kind == "bf16" else quantized(decoder, kind, batch)
 
 
 def decode_rows(models: str, context: int, kinds=("bf16", "int4", "w8a8")) -> list[dict]:

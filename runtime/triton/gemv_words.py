@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from presso.runtime.triton import pins, tuning
+from presso.runtime.triton import pins, prenorm, tuning
 
 
 def prepare_words(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
@@ -156,19 +156,26 @@ def _dot8_half2(words, p0, p1, p2, p3):
 
 
 @triton.jit
-def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w, GATED: tl.constexpr):
-    lo = tuning.load_x(x_ptr, 0, base + k, mask_w & (base + k < K), K, GATED)
-    hi = tuning.load_x(x_ptr, 0, base + k + 4, mask_w & (base + k + 4 < K), K, GATED)
+def _load_in(x_ptr, cols, mask, K, GATED: tl.constexpr, stats_ptr, norm_ptr, NORM: tl.constexpr):
+    """The matmul's input at ``cols``: gated or RMS-normalized (:mod:`prenorm`) as it loads."""
+    x = tuning.load_x(x_ptr, 0, cols, mask, K, GATED)
+    return prenorm.normalize(x, cols, mask, stats_ptr, norm_ptr, NORM)
+
+
+@triton.jit
+def _x_pair(x_ptr, base, k: tl.constexpr, K, mask_w, GATED: tl.constexpr, stats_ptr, norm_ptr, NORM: tl.constexpr):
+    lo = _load_in(x_ptr, base + k, mask_w & (base + k < K), K, GATED, stats_ptr, norm_ptr, NORM)
+    hi = _load_in(x_ptr, base + k + 4, mask_w & (base + k + 4 < K), K, GATED, stats_ptr, norm_ptr, NORM)
     return _half2_pair(lo, hi)[:, None]
 
 
-@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS", "GATED"],
+@triton.autotune(configs=_configs(), key=["N", "K", "GROUP", "BITS", "GATED", "NORM"],
                  prune_configs_by={"early_config_prune": _prune}, do_bench=tuning.bench_in_graph)
 @triton.jit
-def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORDS,
+def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, stats_ptr, norm_ptr, N, K, WORDS,
                        BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                        BLOCK_N: tl.constexpr, TILE_W: tl.constexpr, SPLIT_K: tl.constexpr, DEQUANT: tl.constexpr,
-                       PDL: tl.constexpr, GATED: tl.constexpr):
+                       PDL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr):
     CPW: tl.constexpr = 32 // BITS  # codes per word
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
@@ -193,16 +200,17 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
             tl.extra.cuda.gdc_wait()
         if DEQUANT == 2:  # symmetric int4: zero point 8 is subtracted inside
             base = rw * CPW
-            dot = _dot8_half2(words, _x_pair(x_ptr, base, 0, K, mask_w, GATED),
-                              _x_pair(x_ptr, base, 1, K, mask_w, GATED), _x_pair(x_ptr, base, 2, K, mask_w, GATED),
-                              _x_pair(x_ptr, base, 3, K, mask_w, GATED))
+            dot = _dot8_half2(words, _x_pair(x_ptr, base, 0, K, mask_w, GATED, stats_ptr, norm_ptr, NORM),
+                              _x_pair(x_ptr, base, 1, K, mask_w, GATED, stats_ptr, norm_ptr, NORM),
+                              _x_pair(x_ptr, base, 2, K, mask_w, GATED, stats_ptr, norm_ptr, NORM),
+                              _x_pair(x_ptr, base, 3, K, mask_w, GATED, stats_ptr, norm_ptr, NORM))
             acc += dot * (scale * 16.0)
         else:
             dot = tl.zeros((TILE_W, BLOCK_N), dtype=tl.float32)
             x_sum = tl.zeros((TILE_W,), dtype=tl.float32)
             for j in tl.static_range(CPW):
                 rk = rw * CPW + j
-                x = tuning.load_x(x_ptr, 0, rk, mask_w & (rk < K), K, GATED).to(tl.float32)
+                x = _load_in(x_ptr, rk, mask_w & (rk < K), K, GATED, stats_ptr, norm_ptr, NORM).to(tl.float32)
                 dot += x[:, None] * _code(words, j * BITS, BITS, MASK, DEQUANT == 1)
                 x_sum += x
             if DEQUANT == 1:  # dot = sum x (1 + c / 2**BITS)
@@ -223,12 +231,19 @@ def _gemv_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, N, K, WORD
 
 def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zeros_t: torch.Tensor | None,
                k: int, bits: int, bias: torch.Tensor | None = None, config: dict | None = None,
-               gated: bool = False) -> torch.Tensor:
+               gated: bool = False, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+               residual: torch.Tensor | None = None):
     """``x (1, k) @ W.T`` from :func:`prepare_words`'s operands; ``scales_t`` in ``x``'s dtype.
-    ``gated``: ``x`` is ``[gate | up]`` (1, 2k) and the product is ``(silu(gate) * up) @ W.T``."""
+    ``gated``: ``x`` is ``[gate | up]`` (1, 2k) and the product is ``(silu(gate) * up) @ W.T``.
+    ``norm_weight``: the input is ``rms_norm(x + residual)`` (:mod:`prenorm`); with a ``residual``
+    the result is ``(product, x + residual)``."""
     n_words, n = words.shape
     blocks = scales_t.shape[0]
     group = n_words * (32 // bits) // blocks
+    if gated and norm_weight is not None:
+        raise ValueError("gemv_words: gated and norm_weight do not combine (no layer gates then normalizes)")
+    if residual is not None and norm_weight is None:
+        raise ValueError("gemv_words: a residual is added only before a norm (pass norm_weight)")
     x1 = x.reshape((1 + gated) * k).contiguous()
     out = torch.empty(n, device=x.device, dtype=x.dtype)
     if config is not None and config.get("DEQUANT") == 2 and (bits != 4 or zeros_t is not None):
@@ -239,7 +254,12 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     if config is None:  # the sweep's choice for this device and shape, if it timed one
         config = pins.pinned_on("gemv_words", x.device, pins.pin_key(n, k, 1, bits, group, zeros_t is None, x.dtype))
     pdl = uses_pdl(x.device)
-    if config is not None and config.get("SPLIT_K", 1) > 1:
+    split = config is not None and config.get("SPLIT_K", 1) > 1
+    stats = scales_t
+    if norm_weight is not None:  # one launch: the residual add, the row's RMS and the split-K zeroing
+        res = None if residual is None else residual.reshape(k).contiguous()
+        x1, stats = prenorm.prepare(x1, res, eps, out, split, pdl)
+    elif split:
         _zero(out, pdl)
     kernel = _gemv_words_kernel if config is None else _gemv_words_kernel.fn
 
@@ -247,7 +267,10 @@ def gemv_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
         return triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"]
 
     kernel[grid](x1, words, scales_t, zeros_t if zeros_t is not None else words,
-                 bias if bias is not None else scales_t, out, n, k, n_words, BITS=bits, GROUP=group,
-                 HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, PDL=pdl, GATED=gated, launch_pdl=pdl,
+                 bias if bias is not None else scales_t, out, stats,
+                 norm_weight if norm_weight is not None else scales_t, n, k, n_words, BITS=bits, GROUP=group,
+                 HAS_ZEROS=zeros_t is not None, HAS_BIAS=bias is not None, PDL=pdl, GATED=gated,
+                 NORM=norm_weight is not None, launch_pdl=pdl,
                  **({} if config is None else {"num_warps": 4, "DEQUANT": 1} | config))
-    return out.reshape(*x.shape[:-1], n)
+    y = out.reshape(*x.shape[:-1], n)
+    return y if residual is None else (y, x1.reshape(x.shape))

@@ -50,13 +50,20 @@ class TritonWeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if source.bias is None else source.bias.clone())
         self._casts = _CastCache()
 
-    def forward(self, x: torch.Tensor, gated: bool = False) -> torch.Tensor:
-        """``gated``: ``x`` is ``[gate | up]`` and the input of the product is ``silu(gate) * up``."""
+    def forward(self, x: torch.Tensor, gated: bool = False, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None):
+        """``gated``: ``x`` is ``[gate | up]`` and the input of the product is ``silu(gate) * up``.
+        ``norm``: an RMS norm of ``x + residual`` is the input, and with a ``residual`` the result
+        is ``(product, x + residual)``; at batch 1 both run in the kernel's launches (:mod:`.prenorm`)."""
         scales = self._casts.cast("scales", self.scales, x.dtype)
         bias = self._casts.cast("bias", self.bias, x.dtype)
         scales_t = self._casts.cast("scales_t", self.scales_t, x.dtype)
-        return ops.weight_only_linear(x, self.codes, scales, self.zeros, self.in_features, self.bits, bias,
-                                      self.words, scales_t, self.zeros_t, gated)
+        weights = (self.codes, scales, self.zeros, self.in_features, self.bits, bias, self.words, scales_t,
+                   self.zeros_t)
+        norm_weight, eps = _norm_operands(norm, residual, x.dtype)
+        if residual is not None:
+            return ops.weight_only_add_norm_linear(x, residual, norm_weight, eps, *weights)
+        return ops.weight_only_linear(x, *weights, gated, norm_weight, eps)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} weight-only (Triton)"
@@ -73,12 +80,16 @@ class TritonW8A8Linear(nn.Module):
         self.register_buffer("bias", source.bias.clone() if source.has_bias else None)
         self._casts = _CastCache()
 
-    def forward(self, x: torch.Tensor, gated: bool = False, norm: nn.Module | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gated: bool = False, norm: nn.Module | None = None,
+                residual: torch.Tensor | None = None):
         """``gated``: ``x`` is ``[gate | up]`` and the input is ``silu(gate) * up``; ``norm``: an RMS
-        norm applied to ``x`` first. Either runs in the launch that quantizes the activations."""
-        norm_weight, eps = rms_norm_parts(norm, x.dtype) if norm is not None else (None, 1e-6)
-        return ops.w8a8_linear(x, self.weight, self.weight_scale, self._casts.cast("bias", self.bias, x.dtype),
-                               gated, norm_weight, eps)
+        norm of ``x + residual`` is the input, and with a ``residual`` the result is ``(product,
+        x + residual)``. Each runs in the launch that quantizes the activations."""
+        norm_weight, eps = _norm_operands(norm, residual, x.dtype)
+        bias = self._casts.cast("bias", self.bias, x.dtype)
+        if residual is not None:
+            return ops.w8a8_add_norm_linear(x, residual, norm_weight, eps, self.weight, self.weight_scale, bias)
+        return ops.w8a8_linear(x, self.weight, self.weight_scale, bias, gated, norm_weight, eps)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, W8A8 per-token (Triton)"
@@ -93,6 +104,15 @@ def rms_norm_parts(norm: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, f
         raise TypeError(f"{type(norm).__name__} has no scale vector: only RMS norms with a weight fuse "
                         "into the W8A8 quantization")
     return weight, torch.finfo(dtype).eps if eps is None else float(eps)
+
+
+def _norm_operands(norm: nn.Module | None, residual: torch.Tensor | None,
+                   dtype: torch.dtype) -> tuple[torch.Tensor | None, float]:
+    if norm is None:
+        if residual is not None:
+            raise ValueError("a residual is added only before a norm: pass norm= with residual=")
+        return None, 1e-6
+    return rms_norm_parts(norm, dtype)
 
 
 class TritonGatedMLP(nn.Module):

@@ -16,17 +16,20 @@ from presso.runtime.triton import tuning
 
 
 @triton.jit
-def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, norm_ptr, K, stride_x, eps, BLOCK: tl.constexpr,
-                          NORM: tl.constexpr, GATED: tl.constexpr):
+def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, norm_ptr, res_ptr, h_ptr, K, stride_x, eps, BLOCK: tl.constexpr,
+                          NORM: tl.constexpr, GATED: tl.constexpr, RESIDUAL: tl.constexpr):
     """One row a program. The producer's work comes first, in the same launch: with GATED the row
     is ``[gate | up]`` and the input is ``silu(gate) * up``; with NORM it is RMS-normalized and
     scaled by ``norm_ptr`` (float32 math, one rounding to the activations' dtype, as torch's
-    ``rms_norm``); either result is rounded to that dtype before quantizing, as the separate
-    kernels would store it."""
+    ``rms_norm``), after adding RESIDUAL to it (the sum, rounded, is stored: the next residual);
+    the result is rounded to that dtype before quantizing, as the separate kernels would store it."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     mask = offs < K
     x = tuning.load_x(x_ptr, row * stride_x, offs, mask, K, GATED)
+    if RESIDUAL:
+        x = (x.to(tl.float32) + tl.load(res_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + row * K + offs, x, mask=mask)
     xf = x.to(tl.float32)
     if NORM:
         inv_rms = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / K + eps)
@@ -50,12 +53,15 @@ def _round_codes(x, scale):
 
 
 def quantize_rows(x: torch.Tensor, gated: bool = False, norm_weight: torch.Tensor | None = None,
-                  eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+                  eps: float = 1e-6, residual: torch.Tensor | None = None):
     """Per-row symmetric int8 codes and float32 scales of a 2-D ``x``, in one launch with the
     producer's work: ``gated``, ``x`` is ``[gate | up]`` and ``silu(gate) * up`` is quantized;
-    ``norm_weight``, ``rms_norm(x, norm_weight, eps)`` is (gated and normalized do not combine)."""
+    ``norm_weight``, ``rms_norm(x + residual, norm_weight, eps)`` is (gated and normalized do not
+    combine), and with a ``residual`` the result is ``(codes, scales, x + residual)``."""
     if gated and norm_weight is not None:
         raise ValueError("quantize_rows: gated and norm_weight do not combine (no layer gates then normalizes)")
+    if residual is not None and norm_weight is None:
+        raise ValueError("quantize_rows: a residual is added only before a norm (pass norm_weight)")
     m, k = x.shape[0], x.shape[1] // (1 + gated)
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -63,9 +69,12 @@ def quantize_rows(x: torch.Tensor, gated: bool = False, norm_weight: torch.Tenso
     s = torch.empty(m, device=x.device, dtype=torch.float32)
     block = triton.next_power_of_2(k)
     norm = norm_weight.contiguous() if norm_weight is not None else s
-    _quantize_rows_kernel[(m,)](x, q, s, norm, k, x.stride(0), float(eps), BLOCK=block, NORM=norm_weight is not None,
-                                GATED=gated, num_warps=min(16, max(1, block // 512)))
-    return q, s
+    res = None if residual is None else residual.reshape(m, k).contiguous()
+    h = None if residual is None else torch.empty(m, k, device=x.device, dtype=x.dtype)
+    _quantize_rows_kernel[(m,)](x, q, s, norm, res if res is not None else s, h if h is not None else s, k,
+                                x.stride(0), float(eps), BLOCK=block, NORM=norm_weight is not None, GATED=gated,
+                                RESIDUAL=residual is not None, num_warps=min(16, max(1, block // 512)))
+    return (q, s) if residual is None else (q, s, h)
 
 
 def _configs() -> list[triton.Config]:
@@ -191,13 +200,13 @@ def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
 
 def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, config: dict | None = None, gated: bool = False,
-                norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> torch.Tensor:
+                norm_weight: torch.Tensor | None = None, eps: float = 1e-6, residual: torch.Tensor | None = None):
     """``x (..., K)`` times the int8 ``weight (N, K)`` (K contiguous, as Hopper's 8-bit tensor cores
     read it) with per-channel ``weight_scale (N,)``. ``gated`` (``x`` is ``[gate | up]``, 2K wide)
-    and ``norm_weight`` (``x`` is RMS-normalized first) run in the quantization's launch:
-    :func:`quantize_rows`."""
+    and ``norm_weight`` (the input is ``rms_norm(x + residual)``) run in the quantization's launch:
+    :func:`quantize_rows`; with a ``residual`` the result is ``(product, x + residual)``."""
     n, k = weight.shape
-    q, sx = quantize_rows(x.reshape(-1, (1 + gated) * k), gated, norm_weight, eps)
+    q, sx, *h = quantize_rows(x.reshape(-1, (1 + gated) * k), gated, norm_weight, eps, residual)
     m = q.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
@@ -211,4 +220,5 @@ def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     kernel = _w8a8_kernel if config is None else _w8a8_kernel.fn  # .fn: the kernel without autotuning
     kernel[grid](q, sx, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
                  out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
-    return out.reshape(*x.shape[:-1], n)
+    y = out.reshape(*x.shape[:-1], n)
+    return (y, h[0].reshape(x.shape)) if h else y

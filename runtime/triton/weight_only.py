@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from presso.runtime.triton import dequant, tuning
+from presso.runtime.triton import dequant, prenorm, tuning
 from presso.runtime.triton.gemm_words import gemm_words
 from presso.runtime.triton.gemv_words import gemv_words
 
@@ -217,15 +217,24 @@ def prepare(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | No
 
 def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None,
                        k: int, bits: int, bias: torch.Tensor | None = None,
-                       config: dict | None = None, words: tuple | None = None, gated: bool = False) -> torch.Tensor:
+                       config: dict | None = None, words: tuple | None = None, gated: bool = False,
+                       norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       residual: torch.Tensor | None = None):
     """``x (..., k) @ W.T`` for ``W (n, k)`` from :func:`prepare`'s operands; output in ``x``'s dtype.
 
     ``words``: :func:`gemv_words.prepare_words`'s copy of the same weight, which the autotuned
     kernels read when it is given (:mod:`gemv_words` for one row, :mod:`gemm_words` for more,
     :mod:`dequant` and cuBLAS from ``dequant.MIN_ROWS`` rows). ``gated``: ``x`` is ``[gate | up]``
     (..., 2k) and the product is ``(silu(gate) * up) @ W.T``, the gating done as the word
-    kernels load ``x`` (one launch, no gated tensor written).
+    kernels load ``x`` (one launch, no gated tensor written). ``norm_weight``: the input is
+    ``rms_norm(x + residual)``, the add and the norm done in the batch-1 kernel's launches
+    (:mod:`prenorm`), in torch for more rows; with a ``residual`` the result is
+    ``(product, x + residual)``.
     """
+    if norm_weight is not None and not (words is not None and config is None and x.numel() == k):
+        x_in, h = prenorm.add_norm(x, residual, norm_weight, eps)
+        y = weight_only_matmul(x_in, codes, scales, zeros, k, bits, bias, config, words)
+        return y if residual is None else (y, h)
     if gated and (words is None or config is not None):  # the row-layout kernels load x as it is
         x, gated = tuning.silu_gate(x), False
     n, blocks = scales.shape
@@ -235,7 +244,10 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         x2 = x2.contiguous()
     m = x2.shape[0]
     if words is not None and config is None:  # batch 1 on CUDA cores, more rows on tensor cores
-        kernel = gemv_words if m == 1 else gemm_words if m < dequant.MIN_ROWS else dequant.dequantize_matmul
+        if m == 1:
+            return gemv_words(x, *words, k, bits, bias, gated=gated, norm_weight=norm_weight, eps=eps,
+                              residual=residual)
+        kernel = gemm_words if m < dequant.MIN_ROWS else dequant.dequantize_matmul
         return kernel(x2, *words, k, bits, bias, gated=gated).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 

@@ -74,3 +74,14 @@ def test_triton_linears_compile_without_graph_breaks(kind):
         compiled = torch.compile(block, fullgraph=True, dynamic=False)(x)
     assert torch.isfinite(compiled).all()
     assert (compiled.float() - eager.float()).norm() / eager.float().norm() < 1e-2
+
+    def prenorm_block(delta, h):  # a pre-norm block's add and norm inside the linear's launches
+        return linear(delta, norm=block[0], residual=h)
+
+    for rows in (1, 3):
+        delta, h = torch.randn(2, rows, 256, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            y, h_new = torch.compile(prenorm_block, fullgraph=True, dynamic=False)(delta, h)
+            ref = linear(block[0](delta + h))
+        assert torch.equal(h_new, delta + h)
+        assert torch.isfinite(y).all() and (y.float() - ref.float()).norm() / ref.float().norm() < 1e-2, rows

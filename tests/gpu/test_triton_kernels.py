@@ -166,6 +166,53 @@ def test_word_gemv_in_a_cuda_graph(monkeypatch, pdl):
     assert rel(chained, ref) < TOLERANCE
 
 
+@pytest.mark.parametrize("pdl", ["0", "1"])
+def test_residual_add_and_norm_run_in_the_batch_1_launches(monkeypatch, pdl):
+    """``rms_norm(x + residual)`` as the input: the sum returned exactly as torch rounds it, the
+    product within the bound, autotuned and forced, split or not, after a producer in one CUDA
+    graph; more rows take the same arithmetic in torch."""
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("PRESSO_PDL", pdl)
+    n, k = 1536, 576
+    packed, operands = _packed(n, k, 4, 64, True, torch.bfloat16)
+    words = gemv_words.prepare_words(*operands)
+    x, res = torch.randn(1, k, device="cuda", dtype=torch.bfloat16), 4 * torch.randn(1, k, device="cuda",
+                                                                                     dtype=torch.bfloat16)
+    norm_weight = (torch.rand(k, device="cuda") + 0.5).bfloat16()
+
+    def reference(x, res):
+        h = x if res is None else x + res
+        return weight_only_reference(F.rms_norm(h, (k,), norm_weight, 1e-5), packed.packed, packed.scales, None,
+                                     k, 4), h
+
+    ref, h_ref = reference(x, res)
+    for config in (None, dict(BLOCK_N=128, TILE_W=4, SPLIT_K=3, DEQUANT=2), dict(BLOCK_N=64, TILE_W=2, SPLIT_K=1,
+                                                                                 DEQUANT=1)):
+        y, h = gemv_words.gemv_words(x, *words, k, 4, config=config, norm_weight=norm_weight, eps=1e-5, residual=res)
+        assert torch.equal(h, h_ref) and rel(y, ref) < TOLERANCE, config
+        alone = gemv_words.gemv_words(x, *words, k, 4, config=config, norm_weight=norm_weight, eps=1e-5)
+        assert rel(alone, reference(x, None)[0]) < TOLERANCE, config
+    rows = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
+    y, h = weight_only.weight_only_matmul(rows, *operands, k, 4, words=words, norm_weight=norm_weight, eps=1e-5,
+                                          residual=res.expand(3, k))
+    ref3, h3 = reference(rows, res.expand(3, k))
+    assert torch.equal(h, h3) and rel(y, ref3) < TOLERANCE
+    with pytest.raises(ValueError, match="only before a norm"):
+        gemv_words.gemv_words(x, *words, k, 4, residual=res)
+    config = dict(BLOCK_N=128, TILE_W=4, SPLIT_K=3, DEQUANT=2)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # the delta comes from the kernel just before
+        delta = gemv_words.gemv_words(x, *words, k, 4, config=config)[:, :k] * 0.01
+        y, h = gemv_words.gemv_words(delta, *words, k, 4, config=config, norm_weight=norm_weight, eps=1e-5,
+                                     residual=res)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    ref, h_ref = reference(delta, res)
+    assert torch.equal(h, h_ref) and rel(y, ref) < TOLERANCE
+
+
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bits, group, symmetric", FORMATS)
 def test_word_gemm_matches_reference(n, k, bits, group, symmetric):
@@ -288,6 +335,11 @@ def test_w8a8_quantization_takes_in_the_producer(k):
         assert rel(w8a8.w8a8_matmul(both16, weight, scale, gated=True), ref) < TOLERANCE, m
         ref = w8a8_reference(F.rms_norm(x16.double(), (k,), w16.double(), 1e-5), weight, scale)
         assert rel(w8a8.w8a8_matmul(x16, weight, scale, norm_weight=w16, eps=1e-5), ref) < TOLERANCE, m
+    res = torch.randn(7, k, device="cuda").bfloat16()
+    y, h = w8a8.w8a8_matmul(x.bfloat16(), weight, scale, norm_weight=norm_weight.bfloat16(), eps=1e-5, residual=res)
+    assert torch.equal(h, x.bfloat16() + res)
+    ref = w8a8_reference(F.rms_norm(h.double(), (k,), norm_weight.bfloat16().double(), 1e-5), weight, scale)
+    assert rel(y, ref) < TOLERANCE
     with pytest.raises(ValueError, match="do not combine"):
         w8a8.quantize_rows(both, gated=True, norm_weight=norm_weight)
 
