@@ -123,14 +123,14 @@ def weight_sets(n: int, k: int) -> list[dict]:
     return sets
 
 
-def kernel_rows(copy_bw: float) -> list[dict]:
+def kernel_rows(copy_bw: float, batches: list[int] = BATCHES) -> list[dict]:
     from presso.runtime.triton import dequant, gemm_words, w8a8, weight_only
 
     rows = []
     for n, k in SHAPES:
         sets = weight_sets(n, k)
         first = sets[0]
-        for m in BATCHES:
+        for m in batches:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             candidates = {
                 "cuBLAS bf16": ([lambda s=s: F.linear(x, s["bf16"]) for s in sets], n * k * 2),
@@ -261,6 +261,7 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--sweep", default="", help="sweep only the kernels whose name holds this")
     parser.add_argument("--sweep-shape", default="4096x4096", help="N x K of the sweep")
+    parser.add_argument("--batches", default=",".join(map(str, BATCHES)), help="rows of the kernel table")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -274,7 +275,7 @@ def main() -> None:
         for r in sweep_rows(n, k, args.sweep):
             text.append(f"- sweep {r['kernel']} M={r['m']} {r['config']}: {r.get('us', r.get('error'))}")
     if "kernels" in args.part:
-        rows = kernel_rows(copy_bw)
+        rows = kernel_rows(copy_bw, [int(m) for m in args.batches.split(",")])
         text += ["", kernel_table(rows), "", summary(rows)]
     if "decode" in args.part:
         text += ["", decode_table(decode_rows(args.models, args.context), args.context)]

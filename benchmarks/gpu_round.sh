@@ -2,7 +2,7 @@
 # One device call's worth of Triton measurements, each step under its own time limit so that a
 # slow one cannot take the others' time (a fresh machine compiles every kernel cold):
 #   tests    the GPU tests (8 processes; those matching $TESTS, a pytest -k expression, if set);
-#   kernels  the kernel table with the pinned configurations, as shipped;
+#   kernels  the kernel table with the pinned configurations, as shipped (rows $BATCHES if set: 1,16,64);
 #   autotune the kernel table with pins off (PRESSO_PINS=0): the autotuners' own choice;
 #   decode   8B- and SmolLM2-shaped decoders;
 #   sweep    a configuration sweep (plans $SWEEP_PLANS, $PER_PLAN candidates each) that writes its
@@ -22,7 +22,7 @@ step() {
     case $1 in
         tests) timeout "$LIMIT" python3 -m pytest tests/gpu -n 8 -q -p no:cacheprovider ${TESTS:+-k "$TESTS"} \
                    > "$OUT/tests.log" 2>&1 ;;
-        kernels) timeout "$LIMIT" python3 -m benchmarks.gpu --part kernels --out "$OUT/kernels.md" \
+        kernels) timeout "$LIMIT" python3 -m benchmarks.gpu --part kernels --out "$OUT/kernels.md" ${BATCHES:+--batches "$BATCHES"} \
                      > "$OUT/kernels.log" 2>&1 ;;
         autotune) PRESSO_PINS=0 timeout "$LIMIT" python3 -m benchmarks.gpu --part kernels \
                       --out "$OUT/kernels-autotuned.md" > "$OUT/kernels-autotuned.log" 2>&1 ;;
