@@ -124,7 +124,7 @@ def weight_sets(n: int, k: int) -> list[dict]:
 
 
 def kernel_rows(copy_bw: float, batches: list[int] = BATCHES) -> list[dict]:
-    from presso.runtime.triton import dequant, gemm_words, w8a8, weight_only
+    from presso.runtime.triton import dequant, gemm_swapped, gemm_words, w8a8, weight_only
 
     rows = []
     for n, k in SHAPES:
@@ -150,10 +150,19 @@ def kernel_rows(copy_bw: float, batches: list[int] = BATCHES) -> list[dict]:
                 "W8A8, quantization in the GEMM": (
                     [lambda s=s: w8a8.w8a8_fused_matmul(x, *s["w8a8"]) for s in sets], n * k + n * 4),
             }
+            if 1 < m < dequant.MIN_ROWS:  # the tensor-core kernels on their own, whichever the dispatch takes
+                for bits, key in ((4, "int4"), (8, "int8")):
+                    candidates[f"int{bits}, operands swapped alone (gemm_swapped)"] = (
+                        [lambda s=s, bits=bits, key=key: gemm_swapped.gemm_swapped(x, *s[key], k, bits)
+                         for s in sets], first[key][0].numel() + first[key][1].numel() * 2)
+                    candidates[f"int{bits}, word layout alone (gemm_words)"] = (
+                        [lambda s=s, bits=bits, key=key: gemm_words.gemm_words(x, *s[key + "w"], k, bits)
+                         for s in sets], first[key][0].numel() + first[key][1].numel() * 2)
             if m >= 64:  # both paths of int4 around dequant.MIN_ROWS, whichever the dispatch takes
                 int4_bytes = first["int4"][0].numel() + first["int4"][1].numel() * 2
-                candidates["int4 fused kernel (gemm_words)"] = (
-                    [lambda s=s: gemm_words.gemm_words(x, *s["int4w"], k, 4) for s in sets], int4_bytes)
+                if m >= dequant.MIN_ROWS:
+                    candidates["int4 fused kernel (gemm_words)"] = (
+                        [lambda s=s: gemm_words.gemm_words(x, *s["int4w"], k, 4) for s in sets], int4_bytes)
                 candidates["int4 dequantize + cuBLAS"] = (
                     [lambda s=s: dequant.dequantize_matmul(x, *s["int4w"], k, 4) for s in sets], int4_bytes)
             base = None
@@ -248,6 +257,10 @@ def summary(rows: list[dict]) -> str:
         f"- W8A8 M=64, large shapes: median {med('presso W8A8', 64):.2f}x (target >= 1.5x); quantization in "
         f"the GEMM: M=1 {med('W8A8, quantization in the GEMM', 1):.2f}x, M=16 "
         f"{med('W8A8, quantization in the GEMM', 16):.2f}x, M=64 {med('W8A8, quantization in the GEMM', 64):.2f}x",
+        "- tensor-core kernels alone, M=16 / 64: " + ", ".join(
+            f"{name} {med(name, 16):.2f}x / {med(name, 64):.2f}x" for name in (
+                "int4, operands swapped alone (gemm_swapped)", "int4, word layout alone (gemm_words)",
+                "int8, operands swapped alone (gemm_swapped)", "int8, word layout alone (gemm_words)")),
         f"- int8 weight-only M=1: median {med('presso int8 weight-only', 1):.2f}x (target >= 1.6x), "
         f"M=64: {med('presso int8 weight-only', 64):.2f}x (target >= 1.0x)",
     ])
