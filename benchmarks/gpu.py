@@ -152,12 +152,13 @@ def kernel_rows(copy_bw: float, batches: list[int] = BATCHES) -> list[dict]:
             }
             if 1 < m < dequant.MIN_ROWS:  # the tensor-core kernels on their own, whichever the dispatch takes
                 for bits, key in ((4, "int4"), (8, "int8")):
+                    nbytes = first[key][0].numel() + first[key][1].numel() * 2
                     candidates[f"int{bits}, operands swapped alone (gemm_swapped)"] = (
                         [lambda s=s, bits=bits, key=key: gemm_swapped.gemm_swapped(x, *s[key], k, bits)
-                         for s in sets], first[key][0].numel() + first[key][1].numel() * 2)
+                         for s in sets], nbytes)
                     candidates[f"int{bits}, word layout alone (gemm_words)"] = (
                         [lambda s=s, bits=bits, key=key: gemm_words.gemm_words(x, *s[key + "w"], k, bits)
-                         for s in sets], first[key][0].numel() + first[key][1].numel() * 2)
+                         for s in sets], nbytes)
             if m >= 64:  # both paths of int4 around dequant.MIN_ROWS, whichever the dispatch takes
                 int4_bytes = first["int4"][0].numel() + first["int4"][1].numel() * 2
                 if m >= dequant.MIN_ROWS:

@@ -125,9 +125,7 @@ def gemm_swapped(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
         out.zero_()
     kernel = _gemm_swapped_kernel if config is None else _gemm_swapped_kernel.fn
 
-    def grid(meta):
-        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
-
+    grid = tuning.tile_grid(m, n)
     kernel[grid](x2, codes, scales, zeros if zeros is not None else codes, bias if bias is not None else scales,
                  out, m, n, k, blocks, x2.stride(0), out.stride(0), tuning.rows_key(m), bias_value,
                  BITS=bits, GROUP=group, HAS_ZEROS=zeros is not None, HAS_BIAS=bias is not None, GATED=gated,

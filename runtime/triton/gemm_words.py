@@ -229,9 +229,7 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
         out.zero_()
     kernel = _gemm_words_kernel if config is None else _gemm_words_kernel.fn
 
-    def grid(meta):
-        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
-
+    grid = tuning.tile_grid(m, n)
     kernel[grid](x2, words, scales_t, zeros_t if zeros_t is not None else words,
                  bias if bias is not None else scales_t, out, m, n, k, n_words, x2.stride(0), out.stride(0),
                  tuning.rows_key(m),

@@ -22,6 +22,13 @@ def rows_key(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
+def tile_grid(m: int, n: int):
+    """The launch grid of a tiled matmul kernel: output tiles along N, then M, then the K splits."""
+    def grid(meta):
+        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
+    return grid
+
+
 def zero_output(nargs) -> None:
     """Split-K programs add into the output: it starts at zero (run before each timed launch too)."""
     nargs["out_ptr"].zero_()

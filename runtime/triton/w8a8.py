@@ -190,9 +190,7 @@ def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
         out.zero_()
     kernel = _w8a8_fused_kernel if config is None else _w8a8_fused_kernel.fn
 
-    def grid(meta):
-        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
-
+    grid = tuning.tile_grid(m, n)
     kernel[grid](x2, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x2.stride(0),
                  out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
     return out.reshape(*x.shape[:-1], n)
@@ -210,9 +208,7 @@ def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     m = q.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
 
-    def grid(meta):
-        return triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, meta["BLOCK_M"]), meta["SPLIT_K"]
-
+    grid = tuning.tile_grid(m, n)
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
         config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
     if config is not None and config.get("SPLIT_K", 1) > 1:
