@@ -21,7 +21,7 @@ from presso.numerics import (
     allowed_error,
     float_dtype,
     max_abs_error,
-    perturbed,
+    noise_floor,
     rel_error,
     rounding_noise,
 )
@@ -192,8 +192,8 @@ def _report(model, graph: Graph, manager: PassManager, backend: str, before, run
         report["backend_noise_floor"] = 0.0
         if report["backend_rel_error"] > BACKEND_TOLERANCE:  # only then is the noise floor worth a run
             noise = rounding_noise(float_dtype(graph.module))  # a half-precision model rounds far more
-            with perturbed(graph.called_modules().values(), relative=noise):
-                report["backend_noise_floor"] = rel_error(graph.run(), final)
+            report["backend_noise_floor"] = noise_floor(graph.called_modules().values(),
+                                                        lambda: rel_error(graph.run(), final), noise)
         report["backend_allowed"] = allowed_error(BACKEND_TOLERANCE, report["backend_noise_floor"])
     report["seconds"] = time.perf_counter() - start
     return report

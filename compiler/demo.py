@@ -18,7 +18,7 @@ def run_demo(out: str | Path = "out/demo", windows: int = 8) -> dict:
     start = time.perf_counter()
     print("loading smollm2-135m (SmolLM2-135M-Instruct, embedded) ...", flush=True)
     model, tokenizer = models.load("smollm2-135m")
-    example = torch.randint(3, 1000, (1, 16))
+    example = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))  # a repeatable run
     print("compiling with quantize_dynamic_int8 ...", flush=True)
     compiled = presso.compile(model, ["quantize_dynamic_int8"], example_inputs=example)
     print(f"exporting to {out} (ONNX with KV cache) ...", flush=True)

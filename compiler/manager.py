@@ -19,8 +19,8 @@ from presso.numerics import (
     allowed_error,
     float_dtype,
     max_abs_error,
+    noise_floor,
     non_finite,
-    perturbed,
     rel_error,
     rounding_noise,
 )
@@ -149,8 +149,8 @@ class PassManager:
         dtype = float_dtype(graph.module)
         if dtype in (torch.float32, torch.float64):
             return tol, 0.0
-        with perturbed(graph.called_modules().values(), relative=rounding_noise(dtype)):
-            floor = rel_error(graph.run(), outs)
+        floor = noise_floor(graph.called_modules().values(), lambda: rel_error(graph.run(), outs),
+                            rounding_noise(dtype))
         return allowed_error(tol, floor), floor
 
     def _check(self, p: Pass, outs, prev, before: list[Pass], graph: Any) -> None:

@@ -7,8 +7,8 @@ on the example inputs, and for a KV-cache decoder on a prefill of the example to
 one decode step against the cache that prefill returned.
 
 Each comparison is held to ``EXPORT_TOLERANCE`` or, for a model with quantized activations,
-to the model's own noise floor: how far its torch outputs move when the first float tensor
-gets 1e-6 relative noise (see :func:`presso.numerics.perturbed`).
+to the model's own noise floor: the most its torch outputs move, over a few seeds, when every
+module's output gets 1e-6 relative noise (see :func:`presso.numerics.noise_floors`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 from presso.errors import ExportError
 from presso.graph import Graph
 from presso.lazy import return_freed_memory
-from presso.numerics import allowed_error, modules_issuing_ops, perturbed, rel_error
+from presso.numerics import allowed_error, modules_issuing_ops, noise_floors, rel_error
 
 # the lowerings reproduce the torch reference's arithmetic; float32 rounding stays far below this
 EXPORT_TOLERANCE = 1e-2
@@ -70,9 +70,12 @@ class FileCheck:
         if not all(err <= self.tolerance for err in errors.values()):  # only then is a noise floor worth a run
             model = rebuild()  # the modules that compute, from one eager run (a trace costs seconds)
             issuing = modules_issuing_ops(model.module, lambda: self.runs.torch(model))
-            with perturbed(issuing) as noise:
-                noisy = self.runs.torch(model, noise.reset)
-            floors = {name: rel_error([noisy[name]], [want[name]]) for name in want}
+
+            def measure(reset):
+                noisy = self.runs.torch(model, reset)
+                return {name: rel_error([noisy[name]], [want[name]]) for name in want}
+
+            floors = noise_floors(issuing, measure)
         checks = {name: {"rel_error": errors[name], "noise_floor": floors[name],
                          "allowed": allowed_error(self.tolerance, floors[name])} for name in want}
         bad = {n: c for n, c in checks.items() if not np.isfinite(c["rel_error"]) or c["rel_error"] > c["allowed"]}
