@@ -61,16 +61,12 @@ def _gemm_swapped_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K,
                          BIAS, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr,
                          HAS_BIAS: tl.constexpr, GATED: tl.constexpr, MAGIC: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, BIASED: tl.constexpr):
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
     row_bytes = BLOCKS * GROUP * BITS // 8
     tiles = tl.cdiv(BLOCKS * GROUP, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
+    rm, rn, mask_m, mask_n, pid_k, first, last = tuning.program_tiles(M, N, tiles, BLOCK_M, BLOCK_N, SPLIT_K)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+    for t in range(first, last):
         block = (t * BLOCK_K) // GROUP
         scale = tl.load(s_ptr + rn * BLOCKS + block, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:

@@ -135,15 +135,11 @@ def _gemm_words_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, W
     MASK: tl.constexpr = (1 << BITS) - 1
     WPG: tl.constexpr = GROUP // CPW  # words per quantization block
     ONE_SCALE: tl.constexpr = WPG % TILE_W == 0  # the tile sits inside one block: scale after the products
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
     tiles = tl.cdiv(WORDS, TILE_W)
-    per_split = tl.cdiv(tiles, SPLIT_K)
+    rm, rn, mask_m, mask_n, pid_k, first, last = tuning.program_tiles(M, N, tiles, BLOCK_M, BLOCK_N, SPLIT_K)
     dtype = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+    for t in range(first, last):
         rw = t * TILE_W + tl.arange(0, TILE_W)
         mask_w = rw < WORDS
         mask = mask_w[:, None] & mask_n[None, :]

@@ -88,6 +88,17 @@ def merged(configs: list[triton.Config], extra: list[triton.Config]) -> list[tri
 
 
 @triton.jit
+def program_tiles(M, N, tiles, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """This program's output rows and columns (grid: :func:`tile_grid`), their masks, its K split and
+    the share ``[first, last)`` of the ``tiles`` K tiles that split sums over."""
+    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    per_split = tl.cdiv(tiles, SPLIT_K)
+    return rm, rn, rm < M, rn < N, pid_k, pid_k * per_split, min((pid_k + 1) * per_split, tiles)
+
+
+@triton.jit
 def store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k,
                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
     """``acc`` (+ bias, added by the first K split only) into ``out``: a store, or atomic adds under split K."""

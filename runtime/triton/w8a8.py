@@ -106,14 +106,10 @@ def _prune(configs, named_args, **kwargs):
 def _w8a8_kernel(q_ptr, sx_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_om, ROWS,
                  HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  SPLIT_K: tl.constexpr):
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
     tiles = tl.cdiv(K, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
+    rm, rn, mask_m, mask_n, pid_k, first, last = tuning.program_tiles(M, N, tiles, BLOCK_M, BLOCK_N, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for t in range(pid_k * per_split, min((pid_k + 1) * per_split, tiles)):
+    for t in range(first, last):
         rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
         a = tl.load(q_ptr + rm[:, None] * K + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :], other=0)
         b = tl.load(w_ptr + rn[None, :] * K + rk[:, None], mask=(rk < K)[:, None] & mask_n[None, :], other=0)
@@ -148,11 +144,8 @@ def _w8a8_fused_kernel(x_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_
     """The activations quantized in the prologue: each program finds its rows' peaks over K (the
     rows come from L2 after the first program), then rounds each tile as it loads it, so no
     codes are written and one launch does the whole linear."""
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
     tiles = tl.cdiv(K, BLOCK_K)
+    rm, rn, mask_m, mask_n, pid_k, first, last = tuning.program_tiles(M, N, tiles, BLOCK_M, BLOCK_N, SPLIT_K)
     peak = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for t in range(0, tiles):
         rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -160,9 +153,8 @@ def _w8a8_fused_kernel(x_ptr, w_ptr, sw_ptr, bias_ptr, out_ptr, M, N, K, stride_
                     other=0.0)
         peak = tl.maximum(peak, tl.max(tl.abs(x.to(tl.float32)), axis=1))
     sx = _row_scale(peak)
-    per_split = tl.cdiv(tiles, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for t in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, tiles)):
+    for t in range(first, last):
         rk = t * BLOCK_K + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :], mask=mask_m[:, None] & (rk < K)[None, :],
                     other=0.0)

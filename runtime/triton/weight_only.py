@@ -56,15 +56,11 @@ def _prune(configs, named_args, **kwargs):
 def _weight_only_kernel(x_ptr, w_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, M, N, K, BLOCKS, stride_xm, stride_om, ROWS,
                         BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZEROS: tl.constexpr, HAS_BIAS: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    pid_n, pid_m, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m, mask_n = rm < M, rn < N
     row_bytes = BLOCKS * GROUP * BITS // 8
     tiles = tl.cdiv(BLOCKS * GROUP, BLOCK_K)
-    per_split = tl.cdiv(tiles, SPLIT_K)
+    rm, rn, mask_m, mask_n, pid_k, first, last = tuning.program_tiles(M, N, tiles, BLOCK_M, BLOCK_N, SPLIT_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k * per_split, min((pid_k + 1) * per_split, tiles)):
+    for t in range(first, last):
         block = (t * BLOCK_K) // GROUP
         scale = tl.load(s_ptr + rn * BLOCKS + block, mask=mask_n, other=0.0).to(tl.float32)
         if HAS_ZEROS:
