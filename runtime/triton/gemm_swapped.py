@@ -109,9 +109,7 @@ def gemm_swapped(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     ``gated``: ``x`` is ``[gate | up]`` (..., 2k) and the product is ``(silu(gate) * up) @ W.T``."""
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
-    x2 = x.reshape(-1, (1 + gated) * k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = tuning.as_rows(x, (1 + gated) * k)
     m = x2.shape[0]
     magic, bias_value = _BIAS.get(x.dtype, (0, 0.0))
     if config is not None and config.get("BIASED") and (bits != 4 or not magic):

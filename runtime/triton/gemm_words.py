@@ -210,9 +210,7 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     n_words, n = words.shape
     blocks = scales_t.shape[0]
     group = n_words * (32 // bits) // blocks
-    x2 = x.reshape(-1, (1 + gated) * k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = tuning.as_rows(x, (1 + gated) * k)
     m = x2.shape[0]
     if config is not None and config.get("PAIRS") and (bits != 4 or zeros_t is not None
                                                        or x.dtype not in (torch.bfloat16, torch.float16)):

@@ -112,6 +112,12 @@ def store_tile(acc, bias_ptr, out_ptr, rm, rn, mask_m, mask_n, stride_om, pid_k,
         tl.atomic_add(out, acc.to(out_ptr.dtype.element_ty), mask=mask, sem="relaxed")
 
 
+def as_rows(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x (..., width)`` as the kernels read it: a 2-D view of rows, each with unit column stride."""
+    x2 = x.reshape(-1, width)
+    return x2 if x2.stride(-1) == 1 else x2.contiguous()
+
+
 def silu_gate(x: torch.Tensor) -> torch.Tensor:
     """``silu(gate) * up`` of ``x = [gate | up]``: in torch, what :func:`load_x` computes as the kernels load."""
     gate, up = x.chunk(2, -1)

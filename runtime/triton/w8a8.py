@@ -171,9 +171,7 @@ def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     """:func:`w8a8_matmul` in one launch: the per-token quantization inside the GEMM (the same
     codes and scales, so the same result)."""
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = tuning.as_rows(x, k)
     m = x2.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune

@@ -235,9 +235,7 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         x, gated = tuning.silu_gate(x), False
     n, blocks = scales.shape
     group = codes.shape[1] * 8 // bits // blocks
-    x2 = x.reshape(-1, (1 + gated) * k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = tuning.as_rows(x, (1 + gated) * k)
     m = x2.shape[0]
     if words is not None and config is None:  # batch 1 on CUDA cores, more rows on tensor cores
         if m == 1:
