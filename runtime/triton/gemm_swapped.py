@@ -16,6 +16,8 @@ programs add into the zeroed output, as the other kernels do.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -115,6 +117,8 @@ def gemm_swapped(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     if config is not None and config.get("BIASED") and (bits != 4 or not magic):
         raise ValueError("BIASED=1 (codes as BIAS + c) is for int4 with 16-bit activations only")
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
+        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
     if config is not None and config.get("SPLIT_K", 1) > 1:
         out.zero_()
     kernel = _gemm_swapped_kernel if config is None else _gemm_swapped_kernel.fn

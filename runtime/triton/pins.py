@@ -68,3 +68,16 @@ def pinned_on(kernel: str, device, key: str) -> dict | None:
     if device.type != "cuda" or os.environ.get("PRESSO_PINS", "1") == "0":
         return None
     return _pinned_on_device(kernel, device.index, key)
+
+
+def swapped_rows(spec: str) -> dict[int, int]:
+    """``PRESSO_SWAPPED_ROWS``, e.g. ``"4:32,8:16"``: up to how many rows the int4 (int8) products go
+    to the swapped-operand kernel (:mod:`.gemm_swapped`) instead of the word layout's; empty: none."""
+    routes: dict[int, int] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        bits, _, rows = item.partition(":")
+        if bits not in ("4", "8") or not rows.isdigit():
+            raise ConfigError(f"PRESSO_SWAPPED_ROWS={spec!r}: {item!r} is not BITS:ROWS with BITS 4 or 8",
+                              hint='write it as "4:32,8:16", or unset it')
+        routes[int(bits)] = int(rows)
+    return routes

@@ -20,8 +20,10 @@ import triton
 import triton.language as tl
 
 from presso.runtime.triton import dequant, prenorm, tuning
+from presso.runtime.triton.gemm_swapped import gemm_swapped
 from presso.runtime.triton.gemm_words import gemm_words
 from presso.runtime.triton.gemv_words import gemv_words
+from presso.runtime.triton.pins import swapped_rows
 
 
 def _configs() -> list[triton.Config]:
@@ -198,6 +200,9 @@ def _gemv_rows(x_ptr, w_ptr, s_ptr, z_ptr, K, BLOCKS, stride_xm, rm, rn, mask_m,
 
 
 GEMV_MAX_ROWS = 8  # up to this many rows of x, the CUDA-core kernel; above, tensor cores
+# rows, by bits, up to which the swapped-operand kernel takes the word layout's place: none until a
+# kernel table measures it ahead (set PRESSO_SWAPPED_ROWS="4:32,8:16" to time a model with it)
+SWAPPED_ROWS = swapped_rows(os.environ.get("PRESSO_SWAPPED_ROWS", ""))
 
 
 def prepare(packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, bits: int,
@@ -241,6 +246,8 @@ def weight_only_matmul(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
         if m == 1:
             return gemv_words(x, *words, k, bits, bias, gated=gated, norm_weight=norm_weight, eps=eps,
                               residual=residual)
+        if m <= SWAPPED_ROWS.get(bits, 0):
+            return gemm_swapped(x2, codes, scales, zeros, k, bits, bias, gated=gated).reshape(*x.shape[:-1], n)
         kernel = gemm_words if m < dequant.MIN_ROWS else dequant.dequantize_matmul
         return kernel(x2, *words, k, bits, bias, gated=gated).reshape(*x.shape[:-1], n)
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)

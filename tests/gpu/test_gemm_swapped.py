@@ -71,3 +71,28 @@ def test_biased_codes_keep_large_activations_accurate():
         ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, 4)
         got = gemm_swapped(x, *operands, k, 4, config=dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, BIASED=1))
         assert rel(got, ref) < TOLERANCE, dtype
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 128, True), (8, -1, False)])
+def test_the_dispatch_routes_rows_to_the_swapped_kernel_where_told(monkeypatch, bits, group, symmetric):
+    """With a route (``PRESSO_SWAPPED_ROWS``), the word-layout dispatch sends those rows to
+    gemm_swapped (plain and gated) and the rows above to gemm_words, each matching the reference."""
+    from presso.runtime.triton import gemv_words
+
+    n, k = 576, 1536
+    packed = PackedWeight(quantize_weight(torch.randn(n, k), WeightFormat(bits, group, symmetric))).cuda()
+    operands = weight_only.prepare(packed.packed, packed.scales, packed.zeros, bits, torch.bfloat16)
+    words = gemv_words.prepare_words(*operands)
+    monkeypatch.setattr(weight_only, "SWAPPED_ROWS", {bits: 16})
+    called = []
+    for name in ("gemm_swapped", "gemm_words"):
+        real = getattr(weight_only, name)
+        monkeypatch.setattr(weight_only, name, lambda *a, _real=real, _name=name, **kw: called.append(_name) or
+                            _real(*a, **kw))
+    for m, gated in ((4, False), (16, True), (17, False)):
+        x = torch.randn(m, (1 + gated) * k, device="cuda", dtype=torch.bfloat16)
+        ref = weight_only_reference(tuning.silu_gate(x) if gated else x, packed.packed, packed.scales,
+                                    packed.zeros, k, bits)
+        got = weight_only.weight_only_matmul(x, *operands, k, bits, words=words, gated=gated)
+        assert rel(got, ref) < TOLERANCE, m
+    assert called == ["gemm_swapped", "gemm_swapped", "gemm_words"]

@@ -49,3 +49,11 @@ def test_shipped_pins_are_well_formed():
             assert kernel in ("gemv_words", "gemm_words")
             for key, config in by_key.items():
                 assert key.split()[1].startswith("m") and {"SPLIT_K", "TILE_W", "num_warps"} <= set(config)
+
+
+def test_the_swapped_kernel_route_is_read_from_its_setting():
+    assert pins.swapped_rows("") == {}
+    assert pins.swapped_rows("4:32, 8:16") == {4: 32, 8: 16}
+    for bad in ("4", "3:16", "4:many", "int4:16"):
+        with pytest.raises(ConfigError, match="PRESSO_SWAPPED_ROWS"):
+            pins.swapped_rows(bad)
