@@ -164,6 +164,8 @@ def kernel_rows(copy_bw: float, batches: list[int] = BATCHES) -> list[dict]:
                 if m >= dequant.MIN_ROWS:
                     candidates["int4 fused kernel (gemm_words)"] = (
                         [lambda s=s: gemm_words.gemm_words(x, *s["int4w"], k, 4) for s in sets], int4_bytes)
+                    candidates["int4 fused kernel, operands swapped (gemm_swapped)"] = (
+                        [lambda s=s: gemm_swapped.gemm_swapped(x, *s["int4"], k, 4) for s in sets], int4_bytes)
                 candidates["int4 dequantize + cuBLAS"] = (
                     [lambda s=s: dequant.dequantize_matmul(x, *s["int4w"], k, 4) for s in sets], int4_bytes)
             base = None
@@ -253,7 +255,9 @@ def summary(rows: list[dict]) -> str:
         f"- int4 M=64: median {med('presso int4 g128', 64):.2f}x (target >= 1.0x)",
         f"- int4 M=512: median {med('presso int4 g128', 512):.2f}x, M=2048: {med('presso int4 g128', 2048):.2f}x "
         f"(target >= 0.9x); fused kernel alone {med('int4 fused kernel (gemm_words)', 512):.2f}x / "
-        f"{med('int4 fused kernel (gemm_words)', 2048):.2f}x, dequantize + cuBLAS alone "
+        f"{med('int4 fused kernel (gemm_words)', 2048):.2f}x, operands swapped "
+        f"{med('int4 fused kernel, operands swapped (gemm_swapped)', 512):.2f}x / "
+        f"{med('int4 fused kernel, operands swapped (gemm_swapped)', 2048):.2f}x, dequantize + cuBLAS alone "
         f"{med('int4 dequantize + cuBLAS', 512):.2f}x / {med('int4 dequantize + cuBLAS', 2048):.2f}x",
         f"- W8A8 M=64, large shapes: median {med('presso W8A8', 64):.2f}x (target >= 1.5x); quantization in "
         f"the GEMM: M=1 {med('W8A8, quantization in the GEMM', 1):.2f}x, M=16 "

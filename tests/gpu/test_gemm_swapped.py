@@ -24,19 +24,24 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("n, k", SHAPES)
 @pytest.mark.parametrize("bits, group, symmetric", FORMATS)
 def test_swapped_kernel_matches_reference(n, k, bits, group, symmetric):
-    """Forced tiles (split K, biased codes where they apply, ragged rows) and the autotuned choice."""
+    """Forced tiles (split K, biased codes and K-order unpacking where they apply, ragged rows, a
+    prefill tile) and the autotuned choice, from a few rows to a prefill."""
     dtype = torch.bfloat16 if (n + bits) % 2 else torch.float16
     packed = PackedWeight(quantize_weight(torch.randn(n, k), WeightFormat(bits, group, symmetric))).cuda()
     codes, scales, zeros = weight_only.prepare(packed.packed, packed.scales, packed.zeros, bits, dtype)
     bias = torch.randn(n, device="cuda")
     block_k = min(64, packed.block_size)  # a tile stays inside one block
     biased = (0, 1) if bits == 4 else (0,)
-    for m in (3, 16, 40):
+    unpack = (0, 1) if bits == 4 else (0,)
+    for m in (3, 16, 40, 300):
         x = torch.randn(m, k, device="cuda", dtype=dtype)
         ref = weight_only_reference(x, packed.packed, packed.scales, packed.zeros, k, bits, bias)
-        configs = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=3, BIASED=b) for b in biased]
-        configs += [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=1, BIASED=biased[-1], num_stages=4),
-                    None]
+        configs = [dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=block_k, SPLIT_K=3, BIASED=b, UNPACK=u)
+                   for b in biased for u in unpack]
+        configs += [dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=1, BIASED=biased[-1], UNPACK=unpack[-1],
+                         num_stages=4),
+                    dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=block_k, SPLIT_K=1, BIASED=biased[-1], UNPACK=unpack[-1],
+                         num_warps=8), None]  # a prefill tile, then the autotuned choice
         for config in configs:
             got = gemm_swapped(x, codes, scales, zeros, k, bits, bias.to(dtype), config=config)
             assert got.shape == (m, n) and got.dtype == dtype
@@ -56,7 +61,8 @@ def test_swapped_kernel_gates_its_input(bits, group, symmetric):
     for m in (5, 40):
         both = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16) * 2
         ref = weight_only_reference(tuning.silu_gate(both), packed.packed, packed.scales, packed.zeros, k, bits)
-        for config in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, BIASED=int(bits == 4)), None):
+        for config in (dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=2, BIASED=int(bits == 4)),
+                       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, SPLIT_K=1, UNPACK=int(bits == 4)), None):
             got = gemm_swapped(both, *operands, k, bits, gated=True, config=config)
             assert got.shape == (m, n) and rel(got, ref) < TOLERANCE, (m, config)
 
