@@ -18,8 +18,6 @@ programs add into the zeroed output, as the other kernels do.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -143,13 +141,7 @@ def gemm_swapped(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zer
     magic, bias_value = _BIAS.get(x.dtype, (0, 0.0))
     if config is not None and config.get("BIASED") and (bits != 4 or not magic):
         raise ValueError("BIASED=1 (codes as BIAS + c) is for int4 with 16-bit activations only")
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
-        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
-    if config is not None and config.get("SPLIT_K", 1) > 1:
-        out.zero_()
-    kernel = _gemm_swapped_kernel if config is None else _gemm_swapped_kernel.fn
-
+    out, kernel, config = tuning.tiled_launch(_gemm_swapped_kernel, x, m, n, config, tuning.SMALL_TILES)
     grid = tuning.tile_grid(m, n)
     kernel[grid](x2, codes, scales, zeros if zeros is not None else codes, bias if bias is not None else scales,
                  out, m, n, k, blocks, x2.stride(0), out.stride(0), tuning.rows_key(m), bias_value,

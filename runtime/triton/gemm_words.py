@@ -218,10 +218,7 @@ def gemm_words(x: torch.Tensor, words: torch.Tensor, scales_t: torch.Tensor, zer
     if config is None:  # the sweep's choice for this device, shape and row bucket, if it timed one
         key = pins.pin_key(n, k, tuning.rows_key(m), bits, group, zeros_t is None, x.dtype)
         config = pins.pinned_on("gemm_words", x.device, key)
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if config is not None and config.get("SPLIT_K", 1) > 1:
-        out.zero_()
-    kernel = _gemm_words_kernel if config is None else _gemm_words_kernel.fn
+    out, kernel, config = tuning.tiled_launch(_gemm_words_kernel, x, m, n, config)
 
     grid = tuning.tile_grid(m, n)
     kernel[grid](x2, words, scales_t, zeros_t if zeros_t is not None else words,

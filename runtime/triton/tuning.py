@@ -29,6 +29,21 @@ def tile_grid(m: int, n: int):
     return grid
 
 
+def tiled_launch(kernel, x: torch.Tensor, m: int, n: int, config: dict | None, interpreted: dict | None = None):
+    """The output ``(m, n)`` in ``x``'s dtype, the kernel to launch and its configuration: the
+    autotuned kernel, or with ``config`` the kernel without autotuning (``.fn``) and the output
+    zeroed for split-K adds. Triton's CPU interpreter cannot autotune: it runs ``interpreted``."""
+    if config is None and interpreted is not None and os.environ.get("TRITON_INTERPRET") == "1":
+        config = interpreted
+    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
+    if config is not None and config.get("SPLIT_K", 1) > 1:
+        out.zero_()
+    return out, (kernel if config is None else kernel.fn), config
+
+
+SMALL_TILES = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)  # what the interpreter runs
+
+
 def zero_output(nargs) -> None:
     """Split-K programs add into the output: it starts at zero (run before each timed launch too)."""
     nargs["out_ptr"].zero_()

@@ -6,8 +6,6 @@
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -173,13 +171,7 @@ def w8a8_fused_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch
     n, k = weight.shape
     x2 = tuning.as_rows(x, k)
     m = x2.shape[0]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-    if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
-        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
-    if config is not None and config.get("SPLIT_K", 1) > 1:
-        out.zero_()
-    kernel = _w8a8_fused_kernel if config is None else _w8a8_fused_kernel.fn
-
+    out, kernel, config = tuning.tiled_launch(_w8a8_fused_kernel, x, m, n, config, tuning.SMALL_TILES)
     grid = tuning.tile_grid(m, n)
     kernel[grid](x2, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k, x2.stride(0),
                  out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
@@ -196,14 +188,8 @@ def w8a8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     n, k = weight.shape
     q, sx, *h = quantize_rows(x.reshape(-1, (1 + gated) * k), gated, norm_weight, eps, residual)
     m = q.shape[0]
-    out = torch.empty(m, n, device=x.device, dtype=x.dtype)
-
+    out, kernel, config = tuning.tiled_launch(_w8a8_kernel, x, m, n, config, tuning.SMALL_TILES)
     grid = tuning.tile_grid(m, n)
-    if config is None and os.environ.get("TRITON_INTERPRET") == "1":  # the CPU interpreter cannot autotune
-        config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, SPLIT_K=1)
-    if config is not None and config.get("SPLIT_K", 1) > 1:
-        out.zero_()
-    kernel = _w8a8_kernel if config is None else _w8a8_kernel.fn  # .fn: the kernel without autotuning
     kernel[grid](q, sx, weight, weight_scale, bias if bias is not None else weight_scale, out, m, n, k,
                  out.stride(0), tuning.rows_key(m), HAS_BIAS=bias is not None, **(config or {}))
     y = out.reshape(*x.shape[:-1], n)
